@@ -1,0 +1,14 @@
+// Declarations of the CPU (C++17/OpenMP) kernels bound in msd_fast._C. One function per op; each validates its
+// tensors with TORCH_CHECK so that a bad call raises a Python exception instead of reading out of bounds.
+#pragma once
+#include <torch/extension.h>
+
+namespace msd_fast {
+namespace cpu {
+
+// out[b, :, block n, value e] = negpos_e(x[b, :, block src_block[(b,) n], value src_elem[e]]), see patch_permute.cpp.
+torch::Tensor patch_permute(const torch::Tensor& x, const torch::Tensor& src_block, const torch::Tensor& src_elem,
+                            const c10::optional<torch::Tensor>& flip, int64_t patch_size, double max_value);
+
+}  // namespace cpu
+}  // namespace msd_fast

@@ -1,0 +1,114 @@
+// Key-based patch permutation/encryption on CPU: one fused, multi-threaded pass from x to out.
+//
+// x: [B, C, H, W] (any strides), p | H and p | W, gw = W / p, N = (H / p) * gw blocks, L = C * p * p values per
+// block, value index e = c * p * p + u * p + v (the order of a ViT patch embedding's weight).
+// src_block: int64 [N] (one block permutation) or [B, N] (per sample); src_elem: int64 [L]; flip: uint8 [L] or none.
+// out (contiguous) block n, value e = NegPos(x block src_block[n], value src_elem[e]) where flip[e], else the copy.
+// Threads split (image, block row); each writes whole output rows, reading its sources through two small offset
+// tables (value offsets within a block, block offsets within an image) built once per call.
+#include <omp.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "../common/negpos.h"
+#include "ops.h"
+
+namespace msd_fast {
+namespace cpu {
+namespace {
+
+template <typename scalar_t, bool kFlip>
+void permute_rows(const scalar_t* x, scalar_t* out, const int64_t* block_offset, const int64_t* value_offset,
+                  const uint8_t* flip, NegPos<scalar_t> negpos, int64_t B, int64_t C, int64_t H, int64_t W, int64_t p,
+                  int64_t x_stride_b, bool per_sample) {
+  const int64_t grid_h = H / p, grid_w = W / p, n_blocks = grid_h * grid_w, block_values = p * p;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(at::get_num_threads())
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t i = 0; i < grid_h; ++i) {
+      const scalar_t* image = x + b * x_stride_b;
+      const int64_t* image_blocks = block_offset + (per_sample ? b * n_blocks : 0) + i * grid_w;
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t u = 0; u < p; ++u) {
+          scalar_t* row = out + ((b * C + c) * H + i * p + u) * W;
+          const int64_t e0 = c * block_values + u * p;
+          const int64_t* offsets = value_offset + e0;
+          for (int64_t j = 0; j < grid_w; ++j) {
+            const scalar_t* source = image + image_blocks[j];
+            scalar_t* target = row + j * p;
+            for (int64_t v = 0; v < p; ++v) {
+              const scalar_t value = source[offsets[v]];
+              if constexpr (kFlip) {
+                target[v] = flip[e0 + v] ? negpos(value) : value;
+              } else {
+                target[v] = value;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+torch::Tensor patch_permute(const torch::Tensor& x, const torch::Tensor& src_block, const torch::Tensor& src_elem,
+                            const c10::optional<torch::Tensor>& flip, int64_t patch_size, double max_value) {
+  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 4, "x must be [B, C, H, W], got ", x.dim(), " dims");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), p = patch_size;
+  TORCH_CHECK(p > 0 && H % p == 0 && W % p == 0, "patch_size ", p, " must divide H=", H, " and W=", W);
+  const int64_t grid_w = W / p, n_blocks = (H / p) * grid_w, block_values = C * p * p;
+  TORCH_CHECK(src_block.scalar_type() == at::kLong && src_block.is_contiguous() && src_block.device().is_cpu(),
+              "src_block must be a contiguous int64 CPU tensor");
+  const bool per_sample = src_block.dim() == 2;
+  TORCH_CHECK((src_block.dim() == 1 && src_block.size(0) == n_blocks) ||
+                  (per_sample && src_block.size(0) == B && src_block.size(1) == n_blocks),
+              "src_block must be [N] or [B, N] with N=", n_blocks);
+  TORCH_CHECK(src_elem.scalar_type() == at::kLong && src_elem.is_contiguous() && src_elem.device().is_cpu() &&
+                  src_elem.dim() == 1 && src_elem.size(0) == block_values,
+              "src_elem must be a contiguous int64 CPU tensor of length C*p*p=", block_values);
+  const uint8_t* flip_ptr = nullptr;
+  if (flip.has_value()) {
+    TORCH_CHECK(flip->scalar_type() == at::kByte && flip->is_contiguous() && flip->device().is_cpu() &&
+                    flip->dim() == 1 && flip->size(0) == block_values,
+                "flip must be a contiguous uint8 CPU tensor of length C*p*p=", block_values);
+    flip_ptr = flip->data_ptr<uint8_t>();
+  }
+
+  const int64_t sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  std::vector<int64_t> value_offset(block_values);
+  const int64_t* elem = src_elem.data_ptr<int64_t>();
+  for (int64_t e = 0; e < block_values; ++e) {
+    const int64_t s = elem[e];
+    TORCH_CHECK(s >= 0 && s < block_values, "src_elem[", e, "]=", s, " is out of range [0, ", block_values, ")");
+    value_offset[e] = (s / (p * p)) * sC + ((s / p) % p) * sH + (s % p) * sW;
+  }
+  const int64_t n_offsets = src_block.numel();
+  std::vector<int64_t> block_offset(n_offsets);
+  const int64_t* blocks = src_block.data_ptr<int64_t>();
+  for (int64_t k = 0; k < n_offsets; ++k) {
+    const int64_t m = blocks[k];
+    TORCH_CHECK(m >= 0 && m < n_blocks, "src_block value ", m, " is out of range [0, ", n_blocks, ")");
+    block_offset[k] = (m / grid_w) * p * sH + (m % grid_w) * p * sW;
+  }
+
+  auto out = torch::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, x.scalar_type(), "patch_permute_cpu", [&] {
+    const NegPos<scalar_t> negpos(max_value);
+    if (flip_ptr != nullptr) {
+      permute_rows<scalar_t, true>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), block_offset.data(),
+                                   value_offset.data(), flip_ptr, negpos, B, C, H, W, p, x.stride(0), per_sample);
+    } else {
+      permute_rows<scalar_t, false>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), block_offset.data(),
+                                    value_offset.data(), flip_ptr, negpos, B, C, H, W, p, x.stride(0), per_sample);
+    }
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace msd_fast

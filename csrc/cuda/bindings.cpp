@@ -1,0 +1,11 @@
+// msd_fast._cuda: the CUDA C++ kernels. One binding line per op; the kernels live in one .cu file each.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "msd_fast CUDA kernels";
+  m.def("patch_permute", &msd_fast::cuda::patch_permute, "Fused key-based patch permutation / encryption",
+        py::arg("x"), py::arg("src_block"), py::arg("src_elem"), py::arg("flip"), py::arg("patch_size"),
+        py::arg("max_value"));
+}
