@@ -1,0 +1,177 @@
+"""timm ViT integration: the exact model-side key transform of a ``VisionTransformer``.
+
+A ViT's patch embedding is linear in the block's ``L = C*p*p`` values (value index ``e = c*p*p + u*p + v``, the
+layout of the Conv2d weight) and its transformer is equivariant to permutations of the patch tokens once the
+position embedding moves with them. So for the encryption ``y[n, e] = f_e(x[bperm[n], pperm[e]])`` with
+``f_e(v) = M - v`` on negative-positive positions, the model ``m'`` with::
+
+    W'[:, e] = s_e * Wn[:, pperm[e]]      s_e = -1 where flipped, else +1
+    b'       = bn + M * sum_{e flipped} Wn[:, pperm[e]]
+    pos'[n]  = pos[bperm[n]]              (patch rows; class/register rows unchanged)
+
+satisfies ``m'(y) == m(normalize(x))`` up to float rounding, where ``Wn = W / std_c`` and ``bn = b - Wn @ mean_c``
+fold the input normalisation into the embedding (pixel shuffling mixes channels, so normalising *after*
+encryption would not be exact). :func:`decrypt_vit` applies the inverse map. The arithmetic is done in float64.
+
+Supported: timm ``VisionTransformer`` with its ``PatchEmbed`` (Conv2d, kernel = stride = patch size), class token
+or not, register tokens, ``no_embed_class`` either way, learned or no position embedding, any in_chans, square or
+not, every global pool (token, avg, max, avgmax, map). Refused (ValueError): ``dynamic_img_size`` /
+``dynamic_img_pad`` (the position-embedding resampling does not commute with block scrambling), other patch
+embeddings (hybrid CNN stems mix neighbouring blocks), and ``per_sample`` block scrambling (no single model exists).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .keys import Key, require_key
+
+Stats = Union[float, Sequence[float], None]
+
+
+def _vit_types():
+    from timm.layers import PatchEmbed
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer, PatchEmbed
+
+
+def _check_vit(model: nn.Module, patch_size: Optional[int]) -> int:
+    VisionTransformer, PatchEmbed = _vit_types()
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"model must be a timm VisionTransformer, got {type(model).__name__}")
+    embed = model.patch_embed
+    if type(embed) is not PatchEmbed or not isinstance(embed.proj, nn.Conv2d):
+        raise ValueError(f"model.patch_embed must be timm's PatchEmbed with a Conv2d projection, got "
+                         f"{type(embed).__name__} (hybrid/CNN stems mix neighbouring blocks: no exact key transform)")
+    conv = embed.proj
+    p = conv.kernel_size[0]
+    if (conv.kernel_size != (p, p) or conv.stride != (p, p) or conv.padding != (0, 0) or conv.dilation != (1, 1)
+            or conv.groups != 1):
+        raise ValueError("model.patch_embed.proj must be a square Conv2d with kernel = stride = patch size, "
+                         "no padding, dilation or groups")
+    if getattr(model, "dynamic_img_size", False) or getattr(embed, "dynamic_img_pad", False):
+        raise ValueError("models with dynamic_img_size/dynamic_img_pad resample the position embedding, which does "
+                         "not commute with block scrambling; build the model for the encrypted image size")
+    if patch_size is not None and patch_size != p:
+        raise ValueError(f"patch_size={patch_size} differs from the model's patch size {p}; encrypt with the "
+                         "model's patch size")
+    return p
+
+
+def _per_value(stat: Stats, channels: int, patch_size: int, name: str, default: float) -> torch.Tensor:
+    """Expand a scalar or per-channel statistic to the ``C*p*p`` values of a block (float64)."""
+    if stat is None:
+        values = torch.full((channels,), default, dtype=torch.float64)
+    else:
+        values = torch.as_tensor(stat, dtype=torch.float64).flatten()
+        if values.numel() == 1:
+            values = values.expand(channels)
+        if values.numel() != channels:
+            raise ValueError(f"{name} must be a scalar or have one value per channel ({channels}), "
+                             f"got {values.numel()}")
+    if name == "std" and bool((values == 0).any()):
+        raise ValueError("std must be non-zero")
+    return values.repeat_interleave(patch_size * patch_size)
+
+
+def _key_tables(key: Key, n_blocks: int, n_values: int, block_scramble: bool, pixel_shuffle: bool, negpos: bool):
+    block_perm = key.block_permutation(n_blocks) if block_scramble else torch.arange(n_blocks)
+    value_perm = key.pixel_permutation(n_values) if pixel_shuffle else torch.arange(n_values)
+    flip = key.negpos_mask(n_values) if negpos else torch.zeros(n_values, dtype=torch.bool)
+    return block_perm, value_perm, flip
+
+
+def _transform(model: nn.Module, key: Key, patch_size: Optional[int], block_scramble: bool, pixel_shuffle: bool,
+               negpos: bool, max_value: Optional[float], mean: Stats, std: Stats, per_sample: bool,
+               decrypt: bool) -> nn.Module:
+    require_key(key)
+    p = _check_vit(model, patch_size)
+    if per_sample:
+        raise ValueError("per_sample block scrambling gives every image its own block order, so no single model "
+                         "matches it; use block_scramble without per_sample, a model without position embedding, "
+                         "or token mode (permute_tokens)")
+    if negpos and max_value is None:
+        raise ValueError("max_value is required with negpos: 255.0 for uint8-range inputs, 1.0 for [0, 1] floats")
+    conv = model.patch_embed.proj
+    channels, n_blocks = conv.in_channels, model.patch_embed.num_patches
+    n_values = channels * p * p
+    block_perm, value_perm, flip = _key_tables(key, n_blocks, n_values, block_scramble, pixel_shuffle, negpos)
+    mean_e = _per_value(mean, channels, p, "mean", 0.0)
+    std_e = _per_value(std, channels, p, "std", 1.0)
+    offset = flip.to(torch.float64) * (float(max_value) if negpos else 0.0)   # M where flipped
+    sign = 1.0 - 2.0 * flip.to(torch.float64)
+
+    out = copy.deepcopy(model)
+    weight = conv.weight.detach().to(torch.float64).reshape(conv.out_channels, n_values)
+    bias = (conv.bias.detach().to(torch.float64) if conv.bias is not None
+            else torch.zeros(conv.out_channels, dtype=torch.float64))
+    if not decrypt:
+        folded_w = weight / std_e
+        folded_b = bias - folded_w @ mean_e
+        gathered = folded_w[:, value_perm]
+        new_w = gathered * sign
+        new_b = folded_b + gathered @ offset
+    else:
+        gathered = weight * sign                                  # = Wn[:, pperm]
+        folded_b = bias - gathered @ offset
+        folded_w = torch.empty_like(gathered)
+        folded_w[:, value_perm] = gathered
+        new_w = folded_w * std_e
+        new_b = folded_b + folded_w @ mean_e
+    _set_projection(out, new_w.reshape_as(conv.weight), new_b)
+
+    if out.pos_embed is not None:
+        pos = out.pos_embed.detach()
+        patch_rows = pos[:, pos.shape[1] - n_blocks:]
+        if decrypt:
+            restored = torch.empty_like(patch_rows)
+            restored[:, block_perm] = patch_rows
+        else:
+            restored = patch_rows[:, block_perm]
+        with torch.no_grad():
+            out.pos_embed[:, pos.shape[1] - n_blocks:] = restored
+    return out
+
+
+def _set_projection(model: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    conv = model.patch_embed.proj
+    if conv.bias is None:
+        new_conv = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, bias=True,
+                             device=conv.weight.device, dtype=conv.weight.dtype)
+        model.patch_embed.proj = conv = new_conv
+    with torch.no_grad():
+        conv.weight.copy_(weight.to(conv.weight.dtype))
+        conv.bias.copy_(bias.to(conv.bias.dtype))
+
+
+def encrypt_vit(model: nn.Module, key: Key, patch_size: Optional[int] = None, *, block_scramble: bool = True,
+                pixel_shuffle: bool = True, negpos: bool = False, max_value: Optional[float] = None,
+                mean: Stats = None, std: Stats = None, per_sample: bool = False) -> nn.Module:
+    """Return a transformed copy ``m'`` of a timm ViT ``model`` with ``m'(encrypt_patches(x, key, ...)) ==
+    model(normalize(x))`` up to float rounding.
+
+    Args:
+        model: a timm ``VisionTransformer`` (not modified).
+        key, patch_size, block_scramble, pixel_shuffle, negpos, per_sample: as for
+            :func:`~msd_fast.encrypt_patches` (``patch_size`` defaults to the model's).
+        max_value: the negative-positive maximum, in the units of the raw input ``x`` (255.0 for uint8-range,
+            1.0 for [0, 1] floats); required with ``negpos``.
+        mean, std: the input normalisation ``model`` expects (scalar or per channel, in the raw input's units);
+            folded into the patch embedding so ``m'`` takes raw encrypted images. None means no normalisation.
+    """
+    return _transform(model, key, patch_size, block_scramble, pixel_shuffle, negpos, max_value, mean, std,
+                      per_sample, decrypt=False)
+
+
+def decrypt_vit(model: nn.Module, key: Key, patch_size: Optional[int] = None, *, block_scramble: bool = True,
+                pixel_shuffle: bool = True, negpos: bool = False, max_value: Optional[float] = None,
+                mean: Stats = None, std: Stats = None, per_sample: bool = False) -> nn.Module:
+    """Inverse of :func:`encrypt_vit`: from ``m'`` (takes raw encrypted images) return ``m`` with
+    ``m(normalize(x)) == m'(encrypt_patches(x, key, ...))``; e.g. turn a model pretrained on encrypted images into
+    one for plain (normalised with ``mean``/``std``, or raw when they are None) images."""
+    return _transform(model, key, patch_size, block_scramble, pixel_shuffle, negpos, max_value, mean, std,
+                      per_sample, decrypt=True)
