@@ -10,6 +10,8 @@ Public API (each op takes ``backend="auto"``; see :func:`backends`):
 from .backends import BackendStatus, BackendUnavailableError, backends
 from .keys import Key
 from .ops.patch_encryption import decrypt_patches, encrypt_patches
+from .ops.token_permutation import permute_tokens, unpermute_tokens
+from .vit import decrypt_vit, encrypt_vit
 
 __version__ = "0.1.0"
 
@@ -19,5 +21,9 @@ __all__ = [
     "Key",
     "backends",
     "decrypt_patches",
+    "decrypt_vit",
     "encrypt_patches",
+    "encrypt_vit",
+    "permute_tokens",
+    "unpermute_tokens",
 ]
