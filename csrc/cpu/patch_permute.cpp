@@ -4,13 +4,14 @@
 // block, value index e = c * p * p + u * p + v (the order of a ViT patch embedding's weight).
 // src_block: int64 [N] (one block permutation) or [B, N] (per sample); src_elem: int64 [L]; flip: uint8 [L] or none.
 // out (contiguous) block n, value e = NegPos(x block src_block[n], value src_elem[e]) where flip[e], else the copy.
-// Threads split (image, block row); each writes whole output rows, reading its sources through two small offset
-// tables (value offsets within a block, block offsets within an image) built once per call.
+// Threads split (image, block row); sources are read through two small offset tables (value offsets within a block,
+// block offsets within an image) built once per call.
 #include <omp.h>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <cstring>
 #include <vector>
 
 #include "../common/negpos.h"
@@ -20,36 +21,72 @@ namespace msd_fast {
 namespace cpu {
 namespace {
 
-template <typename scalar_t, bool kFlip>
-void permute_rows(const scalar_t* x, scalar_t* out, const int64_t* block_offset, const int64_t* value_offset,
-                  const uint8_t* flip, NegPos<scalar_t> negpos, int64_t B, int64_t C, int64_t H, int64_t W, int64_t p,
-                  int64_t x_stride_b, bool per_sample) {
-  const int64_t grid_h = H / p, grid_w = W / p, n_blocks = grid_h * grid_w, block_values = p * p;
+// One output row segment: p values of one (channel, block row) of a block, gathered from its source block, then
+// the negative-positive transform applied branch-free over the segment (select with a mask, vectorisable).
+// kP > 0 fixes p at compile time so the loops unroll; kP == 0 is the generic path.
+template <int kP, typename scalar_t, bool kFlip>
+inline void gather_segment(const scalar_t* __restrict__ source, scalar_t* __restrict__ target,
+                           const int32_t* __restrict__ offsets, const uint8_t* __restrict__ flip,
+                           NegPos<scalar_t> negpos, int64_t p) {
+  const int64_t n = kP > 0 ? kP : p;
+  for (int64_t v = 0; v < n; ++v) {
+    target[v] = source[offsets[v]];
+  }
+  if constexpr (kFlip) {
+    for (int64_t v = 0; v < n; ++v) {
+      const scalar_t value = target[v];
+      target[v] = flip[v] ? negpos(value) : value;
+    }
+  }
+}
+
+// Block-major: a source block stays in L1 while its C*p output row segments are written. A segment whose sources
+// are one contiguous run (no pixel shuffling, no flips in it) is a memcpy.
+template <int kP, typename scalar_t, bool kFlip>
+void permute_blocks(const scalar_t* x, scalar_t* out, const int64_t* block_offset, const int32_t* value_offset,
+                    const uint8_t* flip, const uint8_t* segment_is_copy, NegPos<scalar_t> negpos, int64_t B,
+                    int64_t C, int64_t H, int64_t W, int64_t p, int64_t x_stride_b, bool per_sample) {
+  const int64_t grid_h = H / p, grid_w = W / p, n_blocks = grid_h * grid_w;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(at::get_num_threads())
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t i = 0; i < grid_h; ++i) {
       const scalar_t* image = x + b * x_stride_b;
-      const int64_t* image_blocks = block_offset + (per_sample ? b * n_blocks : 0) + i * grid_w;
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t u = 0; u < p; ++u) {
-          scalar_t* row = out + ((b * C + c) * H + i * p + u) * W;
-          const int64_t e0 = c * block_values + u * p;
-          const int64_t* offsets = value_offset + e0;
-          for (int64_t j = 0; j < grid_w; ++j) {
-            const scalar_t* source = image + image_blocks[j];
-            scalar_t* target = row + j * p;
-            for (int64_t v = 0; v < p; ++v) {
-              const scalar_t value = source[offsets[v]];
-              if constexpr (kFlip) {
-                target[v] = flip[e0 + v] ? negpos(value) : value;
-              } else {
-                target[v] = value;
-              }
-            }
+      const int64_t* row_blocks = block_offset + (per_sample ? b * n_blocks : 0) + i * grid_w;
+      scalar_t* out_rows = out + b * C * H * W + i * p * W;
+      for (int64_t j = 0; j < grid_w; ++j) {
+        const scalar_t* source = image + row_blocks[j];
+        for (int64_t segment = 0; segment < C * p; ++segment) {
+          const int64_t c = segment / p, u = segment - c * p, e0 = segment * p;
+          scalar_t* target = out_rows + c * H * W + u * W + j * p;
+          if (segment_is_copy[segment]) {
+            std::memcpy(target, source + value_offset[e0], static_cast<size_t>(kP > 0 ? kP : p) * sizeof(scalar_t));
+          } else {
+            gather_segment<kP, scalar_t, kFlip>(source, target, value_offset + e0, flip + (kFlip ? e0 : 0),
+                                                negpos, p);
           }
         }
       }
     }
+  }
+}
+
+template <typename scalar_t, bool kFlip>
+void permute_blocks_any_p(const scalar_t* x, scalar_t* out, const int64_t* block_offset, const int32_t* value_offset,
+                          const uint8_t* flip, const uint8_t* segment_is_copy, NegPos<scalar_t> negpos, int64_t B,
+                          int64_t C, int64_t H, int64_t W, int64_t p, int64_t x_stride_b, bool per_sample) {
+  switch (p) {
+    case 16:
+      return permute_blocks<16, scalar_t, kFlip>(x, out, block_offset, value_offset, flip, segment_is_copy, negpos,
+                                                 B, C, H, W, p, x_stride_b, per_sample);
+    case 14:
+      return permute_blocks<14, scalar_t, kFlip>(x, out, block_offset, value_offset, flip, segment_is_copy, negpos,
+                                                 B, C, H, W, p, x_stride_b, per_sample);
+    case 8:
+      return permute_blocks<8, scalar_t, kFlip>(x, out, block_offset, value_offset, flip, segment_is_copy, negpos,
+                                                B, C, H, W, p, x_stride_b, per_sample);
+    default:
+      return permute_blocks<0, scalar_t, kFlip>(x, out, block_offset, value_offset, flip, segment_is_copy, negpos,
+                                                B, C, H, W, p, x_stride_b, per_sample);
   }
 }
 
@@ -80,12 +117,23 @@ torch::Tensor patch_permute(const torch::Tensor& x, const torch::Tensor& src_blo
   }
 
   const int64_t sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
-  std::vector<int64_t> value_offset(block_values);
+  TORCH_CHECK((C - 1) * sC + (p - 1) * (sH + sW) < (int64_t{1} << 31),
+              "x strides too large for 32-bit in-block offsets");
+  std::vector<int32_t> value_offset(block_values);
   const int64_t* elem = src_elem.data_ptr<int64_t>();
   for (int64_t e = 0; e < block_values; ++e) {
     const int64_t s = elem[e];
     TORCH_CHECK(s >= 0 && s < block_values, "src_elem[", e, "]=", s, " is out of range [0, ", block_values, ")");
-    value_offset[e] = (s / (p * p)) * sC + ((s / p) % p) * sH + (s % p) * sW;
+    value_offset[e] = static_cast<int32_t>((s / (p * p)) * sC + ((s / p) % p) * sH + (s % p) * sW);
+  }
+  std::vector<uint8_t> segment_is_copy(C * p, 0);
+  for (int64_t segment = 0; segment < C * p; ++segment) {
+    bool copy = sW == 1;
+    for (int64_t v = 0; v < p && copy; ++v) {
+      const int64_t e = segment * p + v;
+      copy = value_offset[e] == value_offset[segment * p] + v && (flip_ptr == nullptr || flip_ptr[e] == 0);
+    }
+    segment_is_copy[segment] = copy;
   }
   const int64_t n_offsets = src_block.numel();
   std::vector<int64_t> block_offset(n_offsets);
@@ -100,11 +148,13 @@ torch::Tensor patch_permute(const torch::Tensor& x, const torch::Tensor& src_blo
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, x.scalar_type(), "patch_permute_cpu", [&] {
     const NegPos<scalar_t> negpos(max_value);
     if (flip_ptr != nullptr) {
-      permute_rows<scalar_t, true>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), block_offset.data(),
-                                   value_offset.data(), flip_ptr, negpos, B, C, H, W, p, x.stride(0), per_sample);
+      permute_blocks_any_p<scalar_t, true>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), block_offset.data(),
+                                           value_offset.data(), flip_ptr, segment_is_copy.data(), negpos, B, C, H,
+                                           W, p, x.stride(0), per_sample);
     } else {
-      permute_rows<scalar_t, false>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), block_offset.data(),
-                                    value_offset.data(), flip_ptr, negpos, B, C, H, W, p, x.stride(0), per_sample);
+      permute_blocks_any_p<scalar_t, false>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), block_offset.data(),
+                                            value_offset.data(), flip_ptr, segment_is_copy.data(), negpos, B, C, H,
+                                            W, p, x.stride(0), per_sample);
     }
   });
   return out;
