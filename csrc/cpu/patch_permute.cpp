@@ -21,6 +21,9 @@ namespace msd_fast {
 namespace cpu {
 namespace {
 
+// Below this many values a single thread is faster than waking the OpenMP team.
+constexpr int64_t kParallelMinValues = int64_t{1} << 16;
+
 // One output row segment: p values of one (channel, block row) of a block, gathered from its source block, then
 // the negative-positive transform applied branch-free over the segment (select with a mask, vectorisable).
 // kP > 0 fixes p at compile time so the loops unroll; kP == 0 is the generic path.
@@ -47,7 +50,8 @@ void permute_blocks(const scalar_t* x, scalar_t* out, const int64_t* block_offse
                     const uint8_t* flip, const uint8_t* segment_is_copy, NegPos<scalar_t> negpos, int64_t B,
                     int64_t C, int64_t H, int64_t W, int64_t p, int64_t x_stride_b, bool per_sample) {
   const int64_t grid_h = H / p, grid_w = W / p, n_blocks = grid_h * grid_w;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(at::get_num_threads())
+  const bool parallel = B * C * H * W >= kParallelMinValues;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(at::get_num_threads()) if (parallel)
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t i = 0; i < grid_h; ++i) {
       const scalar_t* image = x + b * x_stride_b;

@@ -1,0 +1,88 @@
+"""A short, self-contained demonstration of key-based patch encryption (``msd-fast encrypt-demo``).
+
+Encrypts synthetic head phantoms with a consortium key, decrypts them, tries a wrong key, checks the exact
+model-side transform of a small timm ViT, prints what it did, and writes plain / encrypted / decrypted /
+wrong-key images side by side.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from .backends import resolve_backend
+from .keys import Key
+from .ops.patch_encryption import decrypt_patches, encrypt_patches
+from .phantom import head_phantom
+from .vit import encrypt_vit
+
+
+def _to_uint8_batch(images: list) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.round(im * 255.0) for im in images]).astype(np.uint8))[:, None]
+
+
+def _save_side_by_side(path: str, columns: list, labels: list, gap: int = 8) -> None:
+    from PIL import Image, ImageDraw
+
+    rows, height, width = columns[0].shape[0], columns[0].shape[2], columns[0].shape[3]
+    label_height = 18
+    canvas = Image.new("L", (len(columns) * (width + gap) - gap, rows * (height + gap) + label_height), 255)
+    draw = ImageDraw.Draw(canvas)
+    for c, (images, label) in enumerate(zip(columns, labels)):
+        draw.text((c * (width + gap) + 4, 2), label, fill=0)
+        for r in range(rows):
+            tile = Image.fromarray(images[r, 0].numpy())
+            canvas.paste(tile, (c * (width + gap), label_height + r * (height + gap)))
+    tmp = f"{path}.tmp.png"
+    canvas.save(tmp)
+    os.replace(tmp, path)
+
+
+def run(out_dir: str = "demo_out", patch_size: int = 16, size: int = 224, key_path: str | None = None) -> dict:
+    """Run the demonstration; returns the numbers it printed."""
+    os.makedirs(out_dir, exist_ok=True)
+    key = Key.load(key_path) if key_path else Key.generate()
+    x = _to_uint8_batch([head_phantom(size, size, lesion=bool(i % 2)) for i in range(2)])
+    options = dict(block_scramble=True, pixel_shuffle=True, negpos=True)
+    backend = resolve_backend("auto", x.device, "patch_permute")
+    n_blocks, n_values = (size // patch_size) ** 2, patch_size * patch_size
+
+    y = encrypt_patches(x, key, patch_size, **options)  # the first call also derives the key's tables
+    timings = []
+    for _ in range(5):
+        start = time.perf_counter()
+        encrypt_patches(x, key, patch_size, **options)
+        timings.append(time.perf_counter() - start)
+    encrypt_ms = min(timings) * 1e3
+    back = decrypt_patches(y, key, patch_size, **options)
+    wrong = decrypt_patches(y, Key.generate(), patch_size, **options)
+
+    torch.manual_seed(0)
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=size, patch_size=patch_size, in_chans=1, embed_dim=96, depth=2, num_heads=3,
+                              num_classes=4).eval()
+    encrypted_model = encrypt_vit(model, key, max_value=255.0, mean=127.5, std=64.0, **options)
+    with torch.no_grad():
+        model_gap = (encrypted_model(y.float()) - model((x.float() - 127.5) / 64.0)).abs().max().item()
+
+    path = os.path.join(out_dir, "encryption_demo.png")
+    _save_side_by_side(path, [x, y, back, wrong], ["plain", "encrypted", "decrypted", "wrong key"])
+    result = dict(
+        fingerprint=key.fingerprint, backend=backend, encrypt_ms=encrypt_ms,
+        exact=bool(torch.equal(back, x)), wrong_key_changed=float((wrong != x).float().mean()),
+        model_gap=model_gap, image=path,
+    )
+    print(f"key            fingerprint {key.fingerprint} ({'loaded from ' + key_path if key_path else 'fresh'})")
+    print(f"images         {tuple(x.shape)} uint8 head phantoms, patch size {patch_size}: {n_blocks} blocks of "
+          f"{n_values} values")
+    print("encryption     block scrambling + pixel shuffling + negative-positive (v -> 255 - v on key-chosen "
+          "values)")
+    print(f"encrypt        {encrypt_ms:.2f} ms with backend '{backend}' (best of 5, after a first call that derives the tables)")
+    print(f"decrypt        exact round trip: {result['exact']}")
+    print(f"wrong key      {result['wrong_key_changed']:.1%} of pixels differ from the plain image")
+    print(f"encrypt_vit    max |m'(encrypt(x)) - m(normalize(x))| = {model_gap:.2e} (ViT depth 2, dim 96)")
+    print(f"wrote          {path}")
+    return result
