@@ -18,8 +18,10 @@ import torch  # noqa: E402  (CUDA_HOME must be set before cpp_extension is impor
 from torch.utils import cpp_extension  # noqa: E402
 
 # Our sources are C++17; the language standard flag itself comes from torch (torch >= 2.10 headers need C++20).
-CXX_FLAGS = ["-O3", "-fopenmp", "-Wall", "-Wextra"]
-NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+# torch's headers are marked as system headers so that -Wall -Wextra report warnings in our code only.
+SYSTEM_INCLUDES = [flag for path in cpp_extension.include_paths() for flag in ("-isystem", path)]
+CXX_FLAGS = ["-O3", "-fopenmp", "-Wall", "-Wextra"] + SYSTEM_INCLUDES
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + SYSTEM_INCLUDES
 
 
 def _sources(folder, patterns):
