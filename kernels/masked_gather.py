@@ -164,5 +164,6 @@ def masked_gather_backward(grad_out: torch.Tensor, offsets: torch.Tensor, source
         grad_out, offsets, sources, grad_tokens if grad_tokens is not None else placeholder,
         grad_pos if grad_pos is not None else placeholder, grad_prefix if grad_prefix is not None else placeholder,
         first_item, B, N, K, P, D, V, WRITE_TOKENS=grad_tokens is not None, POS_GRAD=pos_grad, ACC=acc,
-        IS_BF16=grad_out.dtype == torch.bfloat16, BLOCK_B=min(triton.next_power_of_2(max(V * B, 1)), 16), BLOCK_D=block_d,
+        IS_BF16=grad_out.dtype == torch.bfloat16, BLOCK_B=min(triton.next_power_of_2(max(V * B, 1)), 16),
+        BLOCK_D=block_d,
     )

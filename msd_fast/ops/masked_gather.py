@@ -122,7 +122,7 @@ def inverse_index(idx: torch.Tensor, num_tokens: int) -> tuple:
     ``sources[b, offsets[b, n]:offsets[b, n + 1]]``, ascending (a stable sort; duplicates are all listed).
     """
     V, B, K = idx.shape
-    per_sample = idx.to(torch.int64).permute(1, 0, 2).reshape(B, V * K)
+    per_sample = idx.to(torch.int64).permute(1, 0, 2).reshape(B, V * K).contiguous()
     sorted_tokens, sources = torch.sort(per_sample, dim=1, stable=True)
     boundaries = torch.arange(num_tokens + 1, device=idx.device).expand(B, num_tokens + 1).contiguous()
     offsets = torch.searchsorted(sorted_tokens, boundaries)
@@ -157,35 +157,38 @@ def _(tokens, idx, pos, prefix, backend):
 
 @torch.library.custom_op("msd_fast::masked_gather_backward", mutates_args=())
 def _masked_gather_backward(grad_out: torch.Tensor, idx: torch.Tensor, num_tokens: int, tokens_grad: bool,
-                            pos_layout: str, prefix_len: int, backend: str) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                     torch.Tensor]:
-    """Gradients ``(tokens, pos, prefix)``; one not asked for (``tokens_grad=False``, ``pos_layout="none"``,
-    ``prefix_len=0``) comes back as an empty tensor."""
+                            pos_layout: str, prefix_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                       torch.Tensor]:
+    """Gradients ``(tokens, pos, prefix)`` for ``grad_out: [V * B, P + K, D]``; one not asked for
+    (``tokens_grad=False``, ``pos_layout="none"``, ``prefix_grad=False``) comes back as an empty tensor."""
+    prefix_len = grad_out.shape[1] - idx.shape[2]
     name = resolve_backend(backend, grad_out.device, OP_NAME)
     if name == "reference":
         grads = masked_gather_backward_reference(grad_out, idx, num_tokens, pos_layout, prefix_len)
-        wanted = (tokens_grad, pos_layout != POS_NONE, prefix_len > 0)
+        wanted = (tokens_grad, pos_layout != POS_NONE, prefix_grad)
         return tuple(grad if keep else grad_out.new_empty(0) for grad, keep in zip(grads, wanted))
-    grad_tokens, grad_pos, grad_prefix = _empty_grads(grad_out, idx, num_tokens, tokens_grad, pos_layout, prefix_len)
+    grad_tokens, grad_pos, grad_prefix = _empty_grads(grad_out, idx, num_tokens, tokens_grad, pos_layout, prefix_grad)
+    if grad_out.numel() == 0:  # no views (V = 0 or B = 0) or no features: nothing flows back
+        return grad_tokens.zero_(), grad_pos.zero_(), grad_prefix.zero_()
     offsets, sources = inverse_index(idx, num_tokens)
     _kernels(name).masked_gather_backward(grad_out, offsets, sources, idx.shape[0],
                                           grad_tokens if tokens_grad else None,
                                           grad_pos if pos_layout != POS_NONE else None,
-                                          grad_prefix if prefix_len else None)
+                                          grad_prefix if prefix_grad else None)
     return grad_tokens, grad_pos, grad_prefix
 
 
-def _empty_grads(grad_out, idx, num_tokens, tokens_grad, pos_layout, prefix_len):
-    _, B, _ = idx.shape
+def _empty_grads(grad_out, idx, num_tokens, tokens_grad, pos_layout, prefix_grad):
+    _, B, K = idx.shape
     D = grad_out.shape[2]
     pos_shape = {POS_SHARED: (num_tokens, D), POS_PER_SAMPLE: (B, num_tokens, D)}.get(pos_layout, (0,))
     return (grad_out.new_empty((B, num_tokens, D) if tokens_grad else (0,)), grad_out.new_empty(pos_shape),
-            grad_out.new_empty((prefix_len, D)))
+            grad_out.new_empty((grad_out.shape[1] - K, D) if prefix_grad else (0,)))
 
 
 @_masked_gather_backward.register_fake
-def _(grad_out, idx, num_tokens, tokens_grad, pos_layout, prefix_len, backend):
-    return _empty_grads(grad_out, idx, num_tokens, tokens_grad, pos_layout, prefix_len)
+def _(grad_out, idx, num_tokens, tokens_grad, pos_layout, prefix_grad, backend):
+    return _empty_grads(grad_out, idx, num_tokens, tokens_grad, pos_layout, prefix_grad)
 
 
 def _setup_context(ctx, inputs, output):
@@ -193,7 +196,6 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(idx)
     ctx.num_tokens = tokens.shape[1]
     ctx.pos_layout = POS_NONE if pos is None else (POS_SHARED if pos.dim() == 2 else POS_PER_SAMPLE)
-    ctx.prefix_len = prefix.shape[0] if prefix is not None else 0
     ctx.backend = backend
 
 
@@ -202,7 +204,7 @@ def _backward(ctx, grad_out):
     tokens_grad, _, pos_grad, prefix_grad, _ = ctx.needs_input_grad
     grad_tokens, grad_pos, grad_prefix = _masked_gather_backward(
         grad_out.contiguous(), idx, ctx.num_tokens, tokens_grad, ctx.pos_layout if pos_grad else POS_NONE,
-        ctx.prefix_len if prefix_grad else 0, ctx.backend)
+        bool(prefix_grad), ctx.backend)
     return (grad_tokens if tokens_grad else None, None, grad_pos if pos_grad else None,
             grad_prefix if prefix_grad else None, None)
 
