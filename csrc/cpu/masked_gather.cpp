@@ -44,10 +44,11 @@ void copy_row(scalar_t* out, const scalar_t* source, int64_t stride_d, int64_t D
 }
 
 template <typename scalar_t>
-void add_row(scalar_t* out, const scalar_t* source, int64_t stride_d, const scalar_t* pos, int64_t pos_stride_d,
-             int64_t D) {
+void add_row(scalar_t* __restrict__ out, const scalar_t* __restrict__ source, int64_t stride_d,
+             const scalar_t* __restrict__ pos, int64_t pos_stride_d, int64_t D) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (stride_d == 1 && pos_stride_d == 1) {
+#pragma omp simd
     for (int64_t d = 0; d < D; ++d) {
       out[d] = static_cast<scalar_t>(static_cast<opmath_t>(source[d]) + static_cast<opmath_t>(pos[d]));
     }
