@@ -99,7 +99,7 @@ def masked_gather_backward_reference(grad_out: torch.Tensor, idx: torch.Tensor, 
     _, B, _ = idx.shape
     D = grad_out.shape[2]
     opmath = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
-    pos_shape = {POS_SHARED: (num_tokens, D), POS_PER_SAMPLE: (B, num_tokens, D)}.get(pos_layout)
+    pos_shape = _pos_shape(pos_layout, B, num_tokens, D)
     shapes = [(B, num_tokens, D), pos_shape, (prefix_len, D) if prefix_len else None]
     zeros = [torch.zeros(shape, dtype=opmath, device=grad_out.device) for shape in shapes if shape is not None]
 
@@ -112,6 +112,11 @@ def masked_gather_backward_reference(grad_out: torch.Tensor, idx: torch.Tensor, 
     _, vjp = torch.func.vjp(gather, *zeros)
     grads = iter(grad.to(grad_out.dtype) for grad in vjp(grad_out.to(opmath)))
     return tuple(next(grads) if shape is not None else None for shape in shapes)
+
+
+def _pos_shape(pos_layout: str, B: int, N: int, D: int) -> Optional[tuple]:
+    """The shape of a position embedding (and its gradient) laid out as ``pos_layout``; None for ``"none"``."""
+    return {POS_SHARED: (N, D), POS_PER_SAMPLE: (B, N, D)}.get(pos_layout)
 
 
 def inverse_index(idx: torch.Tensor, num_tokens: int) -> tuple:
@@ -181,7 +186,7 @@ def _masked_gather_backward(grad_out: torch.Tensor, idx: torch.Tensor, num_token
 def _empty_grads(grad_out, idx, num_tokens, tokens_grad, pos_layout, prefix_grad):
     _, B, K = idx.shape
     D = grad_out.shape[2]
-    pos_shape = {POS_SHARED: (num_tokens, D), POS_PER_SAMPLE: (B, num_tokens, D)}.get(pos_layout, (0,))
+    pos_shape = _pos_shape(pos_layout, B, num_tokens, D) or (0,)
     return (grad_out.new_empty((B, num_tokens, D) if tokens_grad else (0,)), grad_out.new_empty(pos_shape),
             grad_out.new_empty((grad_out.shape[1] - K, D) if prefix_grad else (0,)))
 
@@ -192,7 +197,7 @@ def _(grad_out, idx, num_tokens, tokens_grad, pos_layout, prefix_grad, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    tokens, idx, pos, prefix, backend = inputs
+    tokens, idx, pos, _, backend = inputs
     ctx.save_for_backward(idx)
     ctx.num_tokens = tokens.shape[1]
     ctx.pos_layout = POS_NONE if pos is None else (POS_SHARED if pos.dim() == 2 else POS_PER_SAMPLE)
