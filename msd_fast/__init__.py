@@ -6,12 +6,15 @@ Public API (each op takes ``backend="auto"``; see :func:`backends`):
 * :func:`encrypt_patches` / :func:`decrypt_patches` -- block-wise image encryption for ViTs.
 * :func:`permute_tokens` / :func:`unpermute_tokens` -- per-sample token permutation (p-FeSTA mode).
 * :func:`encrypt_vit` / :func:`decrypt_vit` -- the exact model-side key transform of a timm ViT.
+* :func:`sample_views` / :func:`masked_gather` -- masked-sampling views: random kept-token indices, and one fused
+  gather + position embedding + prefix tokens per call; :func:`forward_views` runs a timm ViT on them.
 """
 from .backends import BackendStatus, BackendUnavailableError, backends
 from .keys import Key
+from .ops.masked_gather import masked_gather, sample_views
 from .ops.patch_encryption import decrypt_patches, encrypt_patches
 from .ops.token_permutation import permute_tokens, unpermute_tokens
-from .vit import decrypt_vit, encrypt_vit
+from .vit import decrypt_vit, encrypt_vit, forward_views
 
 __version__ = "0.1.0"
 
@@ -24,6 +27,9 @@ __all__ = [
     "decrypt_vit",
     "encrypt_patches",
     "encrypt_vit",
+    "forward_views",
+    "masked_gather",
     "permute_tokens",
+    "sample_views",
     "unpermute_tokens",
 ]

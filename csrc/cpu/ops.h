@@ -10,5 +10,16 @@ namespace cpu {
 torch::Tensor patch_permute(const torch::Tensor& x, const torch::Tensor& src_block, const torch::Tensor& src_elem,
                             const c10::optional<torch::Tensor>& flip, int64_t patch_size, double max_value);
 
+// out[v * B + b] = [prefix; tokens[b, idx[v, b]] + pos[(b,) idx[v, b]]], see masked_gather.cpp.
+torch::Tensor masked_gather_forward(const torch::Tensor& tokens, const torch::Tensor& idx,
+                                    const c10::optional<torch::Tensor>& pos,
+                                    const c10::optional<torch::Tensor>& prefix);
+
+// Fills the requested gradients from grad_out and the inverse index (offsets, sources), see masked_gather.cpp.
+void masked_gather_backward(const torch::Tensor& grad_out, const torch::Tensor& offsets, const torch::Tensor& sources,
+                            int64_t num_views, const c10::optional<torch::Tensor>& grad_tokens,
+                            const c10::optional<torch::Tensor>& grad_pos,
+                            const c10::optional<torch::Tensor>& grad_prefix);
+
 }  // namespace cpu
 }  // namespace msd_fast

@@ -8,4 +8,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("patch_permute", &msd_fast::cuda::patch_permute, "Fused key-based patch permutation / encryption",
         py::arg("x"), py::arg("src_block"), py::arg("src_elem"), py::arg("flip"), py::arg("patch_size"),
         py::arg("max_value"));
+  m.def("masked_gather_forward", &msd_fast::cuda::masked_gather_forward,
+        "Fused masked token gathering: gather views, add position embedding, prepend prefix tokens",
+        py::arg("tokens"), py::arg("idx"), py::arg("pos"), py::arg("prefix"));
+  m.def("masked_gather_backward", &msd_fast::cuda::masked_gather_backward,
+        "Deterministic backward of masked_gather_forward into the given gradient tensors", py::arg("grad_out"),
+        py::arg("offsets"), py::arg("sources"), py::arg("num_views"), py::arg("grad_tokens"), py::arg("grad_pos"),
+        py::arg("grad_prefix"));
 }

@@ -10,5 +10,14 @@ namespace cuda {
 torch::Tensor patch_permute(const torch::Tensor& x, const torch::Tensor& src_block, const torch::Tensor& src_elem,
                             const c10::optional<torch::Tensor>& flip, int64_t patch_size, double max_value);
 
+torch::Tensor masked_gather_forward(const torch::Tensor& tokens, const torch::Tensor& idx,
+                                    const c10::optional<torch::Tensor>& pos,
+                                    const c10::optional<torch::Tensor>& prefix);
+
+void masked_gather_backward(const torch::Tensor& grad_out, const torch::Tensor& offsets, const torch::Tensor& sources,
+                            int64_t num_views, const c10::optional<torch::Tensor>& grad_tokens,
+                            const c10::optional<torch::Tensor>& grad_pos,
+                            const c10::optional<torch::Tensor>& grad_prefix);
+
 }  // namespace cuda
 }  // namespace msd_fast

@@ -14,6 +14,7 @@ import torch
 from ..backends import resolve_backend
 from ..keys import Key, SampleIds, key_from_handle, require_key, sample_ids_list
 from ._checks import FLOAT_DTYPES, check_dim, check_dtype, check_tensor
+from .masked_gather import masked_gather
 
 OP_NAME = "token_permutation"
 
@@ -24,8 +25,12 @@ def gather_tokens_reference(tokens: torch.Tensor, perms: torch.Tensor) -> torch.
 
 
 def _gather_tokens(tokens: torch.Tensor, perms: torch.Tensor, backend: str) -> torch.Tensor:
-    resolve_backend(backend, tokens.device, OP_NAME)
-    return gather_tokens_reference(tokens, perms)
+    # A token permutation is a masked gather with one view that keeps every token: the native backends reuse the
+    # fused masked_gather kernels (one pass, any strides).
+    name = resolve_backend(backend, tokens.device, OP_NAME)
+    if name == "reference":
+        return gather_tokens_reference(tokens, perms)
+    return masked_gather(tokens, perms[None], backend=name)
 
 
 @torch.library.custom_op("msd_fast::token_permutation", mutates_args=())
