@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../common/negpos.h"
@@ -25,21 +26,45 @@ namespace {
 constexpr int64_t kParallelMinValues = int64_t{1} << 16;
 
 // One output row segment: p values of one (channel, block row) of a block, gathered from its source block, then
-// the negative-positive transform applied branch-free over the segment (select with a mask, vectorisable).
-// kP > 0 fixes p at compile time so the loops unroll; kP == 0 is the generic path.
+// the negative-positive transform applied where flip is non-zero. kP > 0 fixes p at compile time so the loops
+// unroll; kP == 0 is the generic path.
 template <int kP, typename scalar_t, bool kFlip>
 inline void gather_segment(const scalar_t* __restrict__ source, scalar_t* __restrict__ target,
                            const int32_t* __restrict__ offsets, const uint8_t* __restrict__ flip,
                            NegPos<scalar_t> negpos, int64_t p) {
   const int64_t n = kP > 0 ? kP : p;
   for (int64_t v = 0; v < n; ++v) {
-    target[v] = source[offsets[v]];
-  }
-  if constexpr (kFlip) {
-    for (int64_t v = 0; v < n; ++v) {
-      const scalar_t value = target[v];
+    const scalar_t value = source[offsets[v]];
+    if constexpr (kFlip) {
       target[v] = flip[v] ? negpos(value) : value;
+    } else {
+      target[v] = value;
     }
+  }
+}
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the byte path packs values little-endian");
+
+// uint8 with p a multiple of 8: gather 8 bytes into a 64-bit word (one store instead of eight) and apply the
+// negative-positive transform to the 8 bytes at once: max - v == (v ^ 0xFF) + max + 1 (mod 256), added per byte
+// without carries crossing bytes. flip holds 0xFF (flipped) or 0 per value.
+template <int kP, bool kFlip>
+inline void gather_byte_segment(const uint8_t* __restrict__ source, uint8_t* __restrict__ target,
+                                const int32_t* __restrict__ offsets, const uint8_t* __restrict__ flip,
+                                uint64_t add_bytes) {
+  constexpr uint64_t kLow7 = 0x7F7F7F7F7F7F7F7FULL, kHigh1 = 0x8080808080808080ULL;
+  for (int w = 0; w < kP / 8; ++w) {
+    uint64_t word = 0;
+    for (int b = 0; b < 8; ++b) {
+      word |= static_cast<uint64_t>(source[offsets[8 * w + b]]) << (8 * b);
+    }
+    if constexpr (kFlip) {
+      uint64_t mask;
+      std::memcpy(&mask, flip + 8 * w, sizeof(mask));
+      const uint64_t lhs = word ^ mask, rhs = add_bytes & mask;
+      word = ((lhs & kLow7) + (rhs & kLow7)) ^ ((lhs ^ rhs) & kHigh1);
+    }
+    std::memcpy(target + 8 * w, &word, sizeof(word));
   }
 }
 
@@ -64,6 +89,9 @@ void permute_blocks(const scalar_t* x, scalar_t* out, const int64_t* block_offse
           scalar_t* target = out_rows + c * H * W + u * W + j * p;
           if (segment_is_copy[segment]) {
             std::memcpy(target, source + value_offset[e0], static_cast<size_t>(kP > 0 ? kP : p) * sizeof(scalar_t));
+          } else if constexpr (std::is_same_v<scalar_t, uint8_t> && kP > 0 && kP % 8 == 0) {
+            gather_byte_segment<kP, kFlip>(source, target, value_offset + e0, flip + (kFlip ? e0 : 0),
+                                           0x0101010101010101ULL * static_cast<uint8_t>(negpos.max_value + 1));
           } else {
             gather_segment<kP, scalar_t, kFlip>(source, target, value_offset + e0, flip + (kFlip ? e0 : 0),
                                                 negpos, p);
@@ -112,12 +140,17 @@ torch::Tensor patch_permute(const torch::Tensor& x, const torch::Tensor& src_blo
   TORCH_CHECK(src_elem.scalar_type() == at::kLong && src_elem.is_contiguous() && src_elem.device().is_cpu() &&
                   src_elem.dim() == 1 && src_elem.size(0) == block_values,
               "src_elem must be a contiguous int64 CPU tensor of length C*p*p=", block_values);
+  // Flip table as 0xFF / 0 bytes (the byte path uses them as masks), or none.
+  std::vector<uint8_t> flip_mask;
   const uint8_t* flip_ptr = nullptr;
   if (flip.has_value()) {
     TORCH_CHECK(flip->scalar_type() == at::kByte && flip->is_contiguous() && flip->device().is_cpu() &&
                     flip->dim() == 1 && flip->size(0) == block_values,
                 "flip must be a contiguous uint8 CPU tensor of length C*p*p=", block_values);
-    flip_ptr = flip->data_ptr<uint8_t>();
+    const uint8_t* raw = flip->data_ptr<uint8_t>();
+    flip_mask.resize(block_values);
+    for (int64_t e = 0; e < block_values; ++e) flip_mask[e] = raw[e] != 0 ? 0xFF : 0x00;
+    flip_ptr = flip_mask.data();
   }
 
   const int64_t sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
