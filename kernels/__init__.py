@@ -3,6 +3,7 @@
 Each module holds the kernel(s) of one op and a host launcher with the same contract as the C++/CUDA kernel of
 that op. Under ``TRITON_INTERPRET=1`` they run on CPU tensors (numpy interpreter), which is how CI tests them.
 """
+from .dino_loss import dino_loss
 from .patch_permute import patch_permute
 
-__all__ = ["patch_permute"]
+__all__ = ["dino_loss", "patch_permute"]

@@ -8,4 +8,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("patch_permute", &msd_fast::cpu::patch_permute, "Fused key-based patch permutation / encryption",
         py::arg("x"), py::arg("src_block"), py::arg("src_elem"), py::arg("flip"), py::arg("patch_size"),
         py::arg("max_value"));
+  m.def("dino_loss", &msd_fast::cpu::dino_loss, "Fused DINO distillation loss and student gradient",
+        py::arg("student"), py::arg("teacher"), py::arg("center"), py::arg("n_student_views"),
+        py::arg("n_teacher_views"), py::arg("student_temp"), py::arg("teacher_temp"), py::arg("compute_grad"));
 }

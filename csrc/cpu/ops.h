@@ -10,5 +10,13 @@ namespace cpu {
 torch::Tensor patch_permute(const torch::Tensor& x, const torch::Tensor& src_block, const torch::Tensor& src_elem,
                             const c10::optional<torch::Tensor>& flip, int64_t patch_size, double max_value);
 
+// DINO loss of view-major student [Vs*B, K] and teacher [Vt*B, K] logits with center [K] (float32; float64 for
+// float64 logits), see dino_loss.cpp. Returns (0-d loss, d loss / d student for grad_output = 1, or [0] when
+// !compute_grad).
+std::tuple<torch::Tensor, torch::Tensor> dino_loss(const torch::Tensor& student, const torch::Tensor& teacher,
+                                                   const torch::Tensor& center, int64_t n_student_views,
+                                                   int64_t n_teacher_views, double student_temp, double teacher_temp,
+                                                   bool compute_grad);
+
 }  // namespace cpu
 }  // namespace msd_fast

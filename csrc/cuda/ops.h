@@ -10,5 +10,11 @@ namespace cuda {
 torch::Tensor patch_permute(const torch::Tensor& x, const torch::Tensor& src_block, const torch::Tensor& src_elem,
                             const c10::optional<torch::Tensor>& flip, int64_t patch_size, double max_value);
 
+// At most 4 teacher views (a template parameter of the kernel).
+std::tuple<torch::Tensor, torch::Tensor> dino_loss(const torch::Tensor& student, const torch::Tensor& teacher,
+                                                   const torch::Tensor& center, int64_t n_student_views,
+                                                   int64_t n_teacher_views, double student_temp, double teacher_temp,
+                                                   bool compute_grad);
+
 }  // namespace cuda
 }  // namespace msd_fast
