@@ -2,6 +2,7 @@
 
 A drop-in replacement for ``DINOLoss`` of facebookresearch/dino: same constructor defaults, the same ``center``
 buffer (shape ``[1, out_dim]``, so DINO checkpoints load), ``forward(student_output, teacher_output, epoch)``.
+Optionally DINOv2's Sinkhorn-Knopp centering replaces the EMA center (:func:`sinkhorn_knopp_center`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,43 @@ def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float, warmu
     return np.concatenate((warmup, np.full(n_epochs - warmup_teacher_temp_epochs, float(teacher_temp))))
 
 
+def _all_samples_logsumexp(values: torch.Tensor) -> torch.Tensor:
+    """``log Σ_rows exp(values)`` per column of ``[N, K]``, over the rows of every process when
+    ``torch.distributed`` is initialised."""
+    column_max = values.amax(dim=0)
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        dist.all_reduce(column_max, op=dist.ReduceOp.MAX)
+    sums = torch.exp(values - column_max).sum(dim=0)
+    if distributed:
+        dist.all_reduce(sums)
+    return column_max + torch.log(sums)
+
+
+@torch.no_grad()
+def sinkhorn_knopp_center(teacher: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
+    """The center ``c: [K]`` (float32) for which ``softmax((t - c) / τ_t)`` are DINOv2's Sinkhorn-Knopp targets.
+
+    DINOv2 alternates normalising ``Q = exp(t / τ_t)`` per prototype ``k`` (over all samples of all processes) and
+    per sample (over ``k``), ending with the per-sample step. The prototype steps multiply into one factor
+    ``R_k``, so the targets are ``softmax_k(t / τ_t + log R_k)``, i.e. the center ``c = -τ_t · log R_k``: the fused
+    :func:`~msd_fast.dino_loss` then gives DINOv2's loss. Computed in the log domain, stable for any logits.
+
+    Args:
+        teacher: ``[N, K]`` teacher logits (all teacher views of the batch), any float dtype.
+        teacher_temp: ``τ_t`` > 0.
+        n_iterations: Sinkhorn-Knopp iterations (DINOv2: 3).
+    """
+    check_positive_int(n_iterations, "n_iterations")
+    logits = teacher.to(torch.float32) / teacher_temp
+    log_prototype_scale = torch.zeros(logits.shape[1], dtype=torch.float32, device=logits.device)
+    log_sample_scale = torch.zeros(logits.shape[0], 1, dtype=torch.float32, device=logits.device)
+    for _ in range(n_iterations):
+        log_prototype_scale -= _all_samples_logsumexp(logits + log_prototype_scale + log_sample_scale)
+        log_sample_scale = -torch.logsumexp(logits + log_prototype_scale, dim=1, keepdim=True)
+    return -teacher_temp * log_prototype_scale
+
+
 class DINOLoss(nn.Module):
     """DINO self-distillation loss with an EMA center of the teacher outputs.
 
@@ -36,6 +74,9 @@ class DINOLoss(nn.Module):
             (see :func:`teacher_temp_schedule`).
         n_epochs: length of the schedule; ``forward`` accepts ``0 <= epoch < n_epochs``.
         center_momentum: ``m`` of ``center <- m * center + (1 - m) * batch_center``.
+        centering: ``"ema"`` (DINO: the EMA center buffer) or ``"sinkhorn_knopp"`` (DINOv2: each batch's teacher
+            targets from :func:`sinkhorn_knopp_center`; the buffer stays untouched).
+        sinkhorn_iterations: iterations of Sinkhorn-Knopp centering.
         backend: passed to :func:`~msd_fast.dino_loss`.
 
     The ``center`` buffer is float32 ``[1, out_dim]``.
@@ -43,7 +84,8 @@ class DINOLoss(nn.Module):
 
     def __init__(self, out_dim: int, n_student_views: int, n_teacher_views: int, *, student_temp: float = 0.1,
                  warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 0,
-                 n_epochs: int, center_momentum: float = 0.9, backend: str = "auto"):
+                 n_epochs: int, center_momentum: float = 0.9, centering: str = "ema", sinkhorn_iterations: int = 3,
+                 backend: str = "auto"):
         super().__init__()
         self.out_dim = check_positive_int(out_dim, "out_dim")
         self.n_student_views = check_positive_int(n_student_views, "n_student_views")
@@ -51,8 +93,12 @@ class DINOLoss(nn.Module):
         check_positive_int(n_epochs, "n_epochs")
         if not 0 <= center_momentum <= 1:
             raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum!r}")
+        if centering not in ("ema", "sinkhorn_knopp"):
+            raise ValueError(f"centering must be 'ema' or 'sinkhorn_knopp', got {centering!r}")
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.centering = centering
+        self.sinkhorn_iterations = check_positive_int(sinkhorn_iterations, "sinkhorn_iterations")
         self.backend = backend
         self.teacher_temp_schedule = teacher_temp_schedule(warmup_teacher_temp, teacher_temp,
                                                            warmup_teacher_temp_epochs, n_epochs)
@@ -60,13 +106,20 @@ class DINOLoss(nn.Module):
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
         """Loss of ``student_output [Vs*B, K]`` against ``teacher_output [Vt*B, K]`` (view-major) at ``epoch``'s
-        teacher temperature and the current center; then updates the center with ``teacher_output``."""
+        teacher temperature and the current center (EMA centering: then updates the center with
+        ``teacher_output``)."""
         if not 0 <= epoch < len(self.teacher_temp_schedule):
             raise IndexError(f"epoch must be in [0, {len(self.teacher_temp_schedule)}), got {epoch}")
-        loss = dino_loss(student_output, teacher_output, self.center.view(-1), n_student_views=self.n_student_views,
+        teacher_temp = float(self.teacher_temp_schedule[epoch])
+        if self.centering == "ema":
+            center = self.center.view(-1)
+        else:
+            center = sinkhorn_knopp_center(teacher_output, teacher_temp, self.sinkhorn_iterations)
+        loss = dino_loss(student_output, teacher_output, center, n_student_views=self.n_student_views,
                          n_teacher_views=self.n_teacher_views, student_temp=self.student_temp,
-                         teacher_temp=float(self.teacher_temp_schedule[epoch]), backend=self.backend)
-        self.update_center(teacher_output)
+                         teacher_temp=teacher_temp, backend=self.backend)
+        if self.centering == "ema":
+            self.update_center(teacher_output)
         return loss
 
     @torch.no_grad()

@@ -10,7 +10,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from msd_fast import DINOLoss, dino_loss
-from msd_fast.dino import teacher_temp_schedule
+from msd_fast.dino import sinkhorn_knopp_center, teacher_temp_schedule
+
+
+def sinkhorn_knopp_targets(teacher, teacher_temp, n_iterations):
+    """DINOv2's Sinkhorn-Knopp in the probability domain (moderate logits only), float64: [N, K] targets."""
+    q = torch.exp(teacher.double() / teacher_temp).t()
+    n_prototypes, n_samples = q.shape
+    q /= q.sum()
+    for _ in range(n_iterations):
+        q /= q.sum(dim=1, keepdim=True) * n_prototypes
+        q /= q.sum(dim=0, keepdim=True) * n_samples
+    return (q * n_samples).t()
 
 
 def test_schedule_warms_up_linearly_then_stays():
@@ -47,6 +58,30 @@ def test_center_update_is_an_ema_of_the_teacher_batch_mean():
     torch.testing.assert_close(module.center, expected)
     module.update_center(teacher)
     torch.testing.assert_close(module.center, 0.8 * expected + 0.2 * teacher.float().mean(dim=0, keepdim=True))
+
+
+@pytest.mark.parametrize("n_iterations", [1, 3])
+def test_sinkhorn_knopp_center_gives_dinov2_targets(n_iterations):
+    teacher = torch.randn(10, 40) * 2 + torch.linspace(0, 3, 40)  # some prototypes are favoured
+    center = sinkhorn_knopp_center(teacher, 0.5, n_iterations)
+    assert center.shape == (40,) and center.dtype == torch.float32
+    targets = torch.softmax((teacher - center) / 0.5, dim=1)
+    torch.testing.assert_close(targets.double(), sinkhorn_knopp_targets(teacher, 0.5, n_iterations), rtol=1e-4,
+                               atol=1e-7)
+    huge = sinkhorn_knopp_center(teacher * 1e4, 0.04, n_iterations)  # exp(t / τ) would overflow; the log domain not
+    assert torch.isfinite(huge).all()
+
+
+def test_sinkhorn_knopp_centering_in_the_module():
+    module = DINOLoss(30, 4, 2, n_epochs=2, centering="sinkhorn_knopp", backend="cpu")
+    student, teacher = torch.randn(12, 30), torch.randn(6, 30)
+    loss = module(student, teacher, 1)
+    expected = dino_loss(student, teacher, sinkhorn_knopp_center(teacher, 0.04), n_student_views=4,
+                         n_teacher_views=2, backend="reference")
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    assert torch.all(module.center == 0)  # no EMA under Sinkhorn-Knopp centering
+    with pytest.raises(ValueError, match="centering"):
+        DINOLoss(30, 4, 2, n_epochs=2, centering="mean")
 
 
 def test_center_is_a_buffer_in_the_state_dict():
@@ -89,7 +124,7 @@ def _update_center_in_process(rank: int, world_size: int, port: int, results) ->
     try:
         module = DINOLoss(16, 4, 2, n_epochs=1, center_momentum=0.9)
         module(torch.randn(12, 16), _teacher_of(rank), 0)
-        results[rank] = module.center.clone()
+        results[rank] = (module.center.clone(), sinkhorn_knopp_center(_teacher_of(rank), 0.5))
     finally:
         dist.destroy_process_group()
 
@@ -99,10 +134,15 @@ def test_distributed_center_update_averages_over_processes():
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_update_center_in_process, args=(world_size, _free_port(), results), nprocs=world_size, join=True)
-        centers = [results[rank] for rank in range(world_size)]
+        centers, sinkhorn_centers = zip(*(results[rank] for rank in range(world_size)))
     everything = torch.cat([_teacher_of(rank) for rank in range(world_size)])
     expected = 0.1 * everything.mean(dim=0, keepdim=True)
     for center in centers:
         torch.testing.assert_close(center, expected)
     local_only = 0.1 * _teacher_of(0).mean(dim=0, keepdim=True)
     assert not torch.allclose(centers[0], local_only)
+    # Sinkhorn-Knopp normalises each prototype over the samples of both processes.
+    expected_targets = sinkhorn_knopp_targets(everything, 0.5, 3)
+    for rank, center in enumerate(sinkhorn_centers):
+        targets = torch.softmax((_teacher_of(rank) - center) / 0.5, dim=1).double()
+        torch.testing.assert_close(targets, expected_targets[6 * rank:6 * (rank + 1)], rtol=1e-4, atol=1e-7)
