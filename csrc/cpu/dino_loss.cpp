@@ -87,6 +87,12 @@ acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   return sum;
 }
 
+template <typename acc_t>
+void add_to(const acc_t* values, acc_t* sum, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) sum[k] += values[k];
+}
+
 // y[k] = (teacher[k] - center[k]) * inv_temp: the sharpened, centered teacher logits of one tile.
 template <typename scalar_t, typename acc_t>
 void teacher_tile(const scalar_t* teacher, const acc_t* center, acc_t inv_temp, acc_t* y, int64_t n) {
@@ -119,15 +125,18 @@ struct SampleStats {
         pair_sum(shape.teacher_views * shape.student_views, 0) {}
 };
 
-// Per-thread tile buffers: y/e per teacher view, and z/(m - z) or the target sum for the student view at hand.
+// Per-thread tile buffers: y and exp(y - max) per teacher view; pass 1: z and m - z of the student view at hand;
+// pass 2: the target sums over all teacher views and over all but one.
 template <typename acc_t>
 struct Tiles {
-  std::vector<acc_t> teacher_logits, teacher_exp, student_logits, student_work;
+  std::vector<acc_t> teacher_logits, teacher_exp, student_logits, student_work, all_targets, targets;
   explicit Tiles(const Shape& shape)
       : teacher_logits(shape.teacher_views * kTile),
         teacher_exp(shape.teacher_views * kTile),
         student_logits(kTile),
-        student_work(kTile) {}
+        student_work(kTile),
+        all_targets(kTile),
+        targets(kTile) {}
 };
 
 // Pass 1 over one sample: fills stats and returns the sum of the sample's Vs row losses.
@@ -196,23 +205,29 @@ void sample_gradient(const scalar_t* student, const scalar_t* teacher, const acc
       teacher_tile(teacher + ((v * shape.batch + b) * K + k0), center + k0, inv_teacher_temp, y, n);
       exp_shifted(y, teacher_lse[v], tiles.teacher_exp.data() + v * kTile, n);
     }
+    // Targets: the sum of all teacher views for u >= Vt, all but view u for u < Vt (summed directly, no
+    // cancellation).
+    acc_t* all_views = tiles.all_targets.data();
+    std::fill(all_views, all_views + n, acc_t(0));
+    for (int64_t v = 0; v < Vt; ++v) add_to(tiles.teacher_exp.data() + v * kTile, all_views, n);
     for (int64_t u = 0; u < Vs; ++u) {
-      acc_t* z = tiles.student_logits.data();
-      acc_t* target = tiles.student_work.data();
-      student_tile(student + ((u * shape.batch + b) * K + k0), inv_student_temp, z, n);
-      std::fill(target, target + n, acc_t(0));
-      for (int64_t v = 0; v < Vt; ++v) {
-        if (v == u) continue;
-        const acc_t* q = tiles.teacher_exp.data() + v * kTile;
-#pragma omp simd
-        for (int64_t k = 0; k < n; ++k) target[k] += q[k];
+      const acc_t* target = all_views;
+      if (u < Vt) {
+        acc_t* other_views = tiles.targets.data();
+        std::fill(other_views, other_views + n, acc_t(0));
+        for (int64_t v = 0; v < Vt; ++v) {
+          if (v != u) add_to(tiles.teacher_exp.data() + v * kTile, other_views, n);
+        }
+        target = other_views;
       }
       const acc_t count = static_cast<acc_t>(shape.targets_of(u));
       const acc_t lse = student_lse[u];
+      const scalar_t* in = student + ((u * shape.batch + b) * K + k0);
       scalar_t* out = grad + ((u * shape.batch + b) * K + k0);
 #pragma omp simd
       for (int64_t k = 0; k < n; ++k) {
-        out[k] = static_cast<scalar_t>(scale * (count * exp_nonpositive(z[k] - lse) - target[k]));
+        const acc_t z = static_cast<acc_t>(in[k]) * inv_student_temp;
+        out[k] = static_cast<scalar_t>(scale * (count * exp_nonpositive(z - lse) - target[k]));
       }
     }
   }
