@@ -75,7 +75,7 @@ def dtypes():
 @pytest.mark.parametrize("dtype", dtypes(), ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("out_dim", [65536, 4096])
 @pytest.mark.parametrize("provider", providers())
-def bench_dino_loss_forward_backward(benchmark, provider, out_dim, dtype):
+def test_dino_loss_forward_backward(benchmark, provider, out_dim, dtype):
     generator = torch.Generator().manual_seed(0)
     student = torch.randn(STUDENT_VIEWS * BATCH, out_dim, generator=generator).to(DEVICE, dtype)
     teacher = torch.randn(TEACHER_VIEWS * BATCH, out_dim, generator=generator).to(DEVICE, dtype)

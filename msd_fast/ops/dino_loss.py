@@ -91,6 +91,7 @@ def _(student, teacher, center, n_student_views, n_teacher_views, student_temp, 
 def _setup_context(ctx, inputs, output):
     ctx.compute_grad = inputs[7]
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else autograd builds a zero [Vs*B, K] "gradient" of the gradient output
     ctx.save_for_backward(output[1])
 
 
@@ -98,7 +99,7 @@ def _backward(ctx, grad_loss, _grad_of_gradient):
     # The forward already holds ∂loss/∂student; scale it in place (as Liger-Kernel does) so that the backward
     # allocates nothing, and skip the pass over it when grad_loss is 1 (checked in eager CPU code only, where reading
     # it costs no device synchronisation). A graph kept with retain_graph=True cannot be backpropagated twice.
-    if not ctx.compute_grad:
+    if not ctx.compute_grad or grad_loss is None:
         return (None,) * 9
     if getattr(ctx, "gradient_consumed", False):
         raise RuntimeError("dino_loss: backward ran twice through one graph; its saved gradient is scaled in place, "
