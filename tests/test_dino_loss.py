@@ -85,8 +85,9 @@ def test_cpu_matches_reference(n_student_views, n_teacher_views, out_dim, batch)
 
 @pytest.mark.parametrize("n_student_views,n_teacher_views", [(1, 2), (2, 1), (6, 2), (12, 2)])
 @pytest.mark.parametrize("out_dim", [77, 1000])
-def test_triton_matches_reference(n_student_views, n_teacher_views, out_dim):
-    inputs = make_inputs(n_student_views, n_teacher_views, 2, out_dim)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_triton_matches_reference(n_student_views, n_teacher_views, out_dim, batch):
+    inputs = make_inputs(n_student_views, n_teacher_views, batch, out_dim)
     assert_matches_reference("triton", *inputs, n_student_views, n_teacher_views)
 
 
