@@ -100,6 +100,14 @@ def test_every_dtype(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("out_dim", [1, 2])
+def test_tiny_out_dim(backend, out_dim):
+    loss, _ = assert_matches_reference(backend, *make_inputs(4, 2, 2, out_dim), 4, 2)
+    if out_dim == 1:
+        assert loss.item() == 0.0  # a one-class softmax is certain
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_three_teacher_views_and_temperatures(backend):
     inputs = make_inputs(5, 3, 2, 515)
     assert_matches_reference(backend, *inputs, 5, 3, student_temp=0.2, teacher_temp=0.07)
