@@ -18,8 +18,9 @@ import torch  # noqa: E402  (CUDA_HOME must be set before cpp_extension is impor
 from torch.utils import cpp_extension  # noqa: E402
 
 # Our sources are C++17; the language standard flag itself comes from torch (torch >= 2.10 headers need C++20).
-# -fno-trapping-math lets GCC if-convert and vectorise branch-free float code (no kernel reads FP exception flags).
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-Wall", "-Wextra"]
+# -fno-trapping-math lets GCC if-convert and vectorise branch-free float code (no kernel reads FP exception flags);
+# -ffp-contract=off keeps a*b+c rounded the same in every clone and pass (FMA clones would otherwise fuse some).
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off", "-Wall", "-Wextra"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 

@@ -37,6 +37,14 @@ namespace {
 
 constexpr int64_t kTile = 256;
 
+// The build targets baseline x86-64 (SSE2). On Linux x86-64 the two per-sample passes, where the exponentials are,
+// are also compiled for AVX2+FMA and AVX+FMA; the loader picks the best clone for the CPU (function multiversioning).
+#if defined(__linux__) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__AVX__)
+#define MSD_FAST_SIMD_CLONES __attribute__((target_clones("arch=haswell", "fma", "default")))
+#else
+#define MSD_FAST_SIMD_CLONES
+#endif
+
 // exp(x) for x <= 0 (the only arguments here: values minus their running maximum). Cephes' single-precision
 // polynomial (about 1 ulp) in straight-line code the compiler vectorises; exp(x) is 0 below -87 (under 1e-38).
 inline float exp_nonpositive(float x) {
@@ -145,6 +153,7 @@ struct Tiles {
 
 // Pass 1 over one sample: fills stats and returns the sum of the sample's Vs row losses.
 template <typename scalar_t, typename acc_t>
+MSD_FAST_SIMD_CLONES
 acc_t sample_loss(const scalar_t* student, const scalar_t* teacher, const acc_t* center, int64_t b, const Shape& shape,
                   acc_t inv_student_temp, acc_t inv_teacher_temp, SampleStats<acc_t>& stats, Tiles<acc_t>& tiles) {
   const int64_t K = shape.out_dim, Vt = shape.teacher_views, Vs = shape.student_views;
@@ -195,6 +204,7 @@ acc_t sample_loss(const scalar_t* student, const scalar_t* teacher, const acc_t*
 
 // Pass 2 over one sample: grad_u = scale * (targets_of(u) * softmax(z_u) - sum_{v != u} q_v).
 template <typename scalar_t, typename acc_t>
+MSD_FAST_SIMD_CLONES
 void sample_gradient(const scalar_t* student, const scalar_t* teacher, const acc_t* center, scalar_t* grad, int64_t b,
                      const Shape& shape, acc_t inv_student_temp, acc_t inv_teacher_temp, acc_t scale,
                      const SampleStats<acc_t>& stats, Tiles<acc_t>& tiles) {
