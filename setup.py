@@ -19,8 +19,10 @@ from torch.utils import cpp_extension  # noqa: E402
 
 # Our sources are C++17; the language standard flag itself comes from torch (torch >= 2.10 headers need C++20).
 # torch's headers are marked as system headers so that -Wall -Wextra report warnings in our code only.
+# -fno-trapping-math lets GCC if-convert and vectorise branch-free float code (no kernel reads FP exception flags);
+# -ffp-contract=off keeps a*b+c rounded the same in every clone and pass (FMA clones would otherwise fuse some).
 SYSTEM_INCLUDES = [flag for path in cpp_extension.include_paths() for flag in ("-isystem", path)]
-CXX_FLAGS = ["-O3", "-fopenmp", "-Wall", "-Wextra"] + SYSTEM_INCLUDES
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off", "-Wall", "-Wextra"] + SYSTEM_INCLUDES
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + SYSTEM_INCLUDES
 
 

@@ -8,9 +8,12 @@ Public API (each op takes ``backend="auto"``; see :func:`backends`):
 * :func:`encrypt_vit` / :func:`decrypt_vit` -- the exact model-side key transform of a timm ViT.
 * :func:`sample_views` / :func:`masked_gather` -- masked-sampling views: random kept-token indices, and one fused
   gather + position embedding + prefix tokens per call; :func:`forward_views` runs a timm ViT on them.
+* :func:`dino_loss` / :class:`DINOLoss` -- the fused DINO self-distillation loss and its module (center, schedule).
 """
 from .backends import BackendStatus, BackendUnavailableError, backends
+from .dino import DINOLoss
 from .keys import Key
+from .ops.dino_loss import dino_loss
 from .ops.masked_gather import masked_gather, sample_views
 from .ops.patch_encryption import decrypt_patches, encrypt_patches
 from .ops.token_permutation import permute_tokens, unpermute_tokens
@@ -21,10 +24,12 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendStatus",
     "BackendUnavailableError",
+    "DINOLoss",
     "Key",
     "backends",
     "decrypt_patches",
     "decrypt_vit",
+    "dino_loss",
     "encrypt_patches",
     "encrypt_vit",
     "forward_views",

@@ -15,4 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Deterministic backward of masked_gather_forward into the given gradient tensors", py::arg("grad_out"),
         py::arg("offsets"), py::arg("sources"), py::arg("num_views"), py::arg("grad_tokens"), py::arg("grad_pos"),
         py::arg("grad_prefix"));
+  m.def("dino_loss", &msd_fast::cpu::dino_loss, "Fused DINO distillation loss and student gradient",
+        py::arg("student"), py::arg("teacher"), py::arg("center"), py::arg("n_student_views"),
+        py::arg("n_teacher_views"), py::arg("student_temp"), py::arg("teacher_temp"), py::arg("compute_grad"));
 }

@@ -20,6 +20,13 @@ void masked_gather_backward(const torch::Tensor& grad_out, const torch::Tensor& 
                             int64_t num_views, const c10::optional<torch::Tensor>& grad_tokens,
                             const c10::optional<torch::Tensor>& grad_pos,
                             const c10::optional<torch::Tensor>& grad_prefix);
+// DINO loss of view-major student [Vs*B, K] and teacher [Vt*B, K] logits with center [K] (float32; float64 for
+// float64 logits), see dino_loss.cpp. Returns (0-d loss, d loss / d student for grad_output = 1, or [0] when
+// !compute_grad).
+std::tuple<torch::Tensor, torch::Tensor> dino_loss(const torch::Tensor& student, const torch::Tensor& teacher,
+                                                   const torch::Tensor& center, int64_t n_student_views,
+                                                   int64_t n_teacher_views, double student_temp, double teacher_temp,
+                                                   bool compute_grad);
 
 }  // namespace cpu
 }  // namespace msd_fast

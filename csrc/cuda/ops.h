@@ -19,5 +19,11 @@ void masked_gather_backward(const torch::Tensor& grad_out, const torch::Tensor& 
                             const c10::optional<torch::Tensor>& grad_pos,
                             const c10::optional<torch::Tensor>& grad_prefix);
 
+// At most 4 teacher views (a template parameter of the kernel).
+std::tuple<torch::Tensor, torch::Tensor> dino_loss(const torch::Tensor& student, const torch::Tensor& teacher,
+                                                   const torch::Tensor& center, int64_t n_student_views,
+                                                   int64_t n_teacher_views, double student_temp, double teacher_temp,
+                                                   bool compute_grad);
+
 }  // namespace cuda
 }  // namespace msd_fast
