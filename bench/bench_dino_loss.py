@@ -13,18 +13,12 @@ import time
 import pytest
 import torch
 
-from msd_fast import backends, dino_loss
+from msd_fast import dino_loss
+
+from conftest import DEVICE, kernel_backends
 
 BATCH, TEACHER_VIEWS, STUDENT_VIEWS = 64, 2, 10
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-def providers():
-    """The backends that run on DEVICE natively (interpreted Triton is not a performance provider)."""
-    available = backends()
-    native = ("cuda", "triton") if DEVICE == "cuda" else ("cpu",)
-    return [name for name in native if available[name].available] + ["reference"]
 
 
 def _resident_bytes() -> int:
@@ -74,7 +68,7 @@ def dtypes():
 
 @pytest.mark.parametrize("dtype", dtypes(), ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("out_dim", [65536, 4096])
-@pytest.mark.parametrize("provider", providers())
+@pytest.mark.parametrize("provider", kernel_backends() + ["reference"])
 def test_dino_loss_forward_backward(benchmark, provider, out_dim, dtype):
     generator = torch.Generator().manual_seed(0)
     student = torch.randn(STUDENT_VIEWS * BATCH, out_dim, generator=generator).to(DEVICE, dtype)

@@ -17,18 +17,13 @@ import os
 import pytest
 import torch
 
-from msd_fast import backends, masked_gather, sample_views
+from msd_fast import masked_gather, sample_views
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import DEVICE, kernel_backends
 SHAPES = {"vit_s16": (64, 196, 384), "vit_b16_n1024": (64, 1024, 768)}  # (B, N, D)
 VIEW_GROUPS = [(2, 0.5), (8, 0.2)]  # (views, keep): DINO's global and local views
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
 MODES = ["forward", "forward_backward"]
-
-
-def providers() -> list:
-    runs_here = {"cpu": DEVICE == "cpu", "triton": DEVICE == "cuda", "cuda": DEVICE == "cuda"}
-    return [name for name, status in backends().items() if name in runs_here and runs_here[name] and status.available]
 
 
 def shape_ids() -> list:
@@ -71,7 +66,7 @@ def make_step(shape: str, dtype: torch.dtype, mode: str, provider: str):
     return step, out_bytes
 
 
-@pytest.mark.parametrize("provider", providers() + ["reference", "copy"])
+@pytest.mark.parametrize("provider", kernel_backends() + ["reference", "copy"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("shape", shape_ids())
