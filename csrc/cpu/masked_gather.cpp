@@ -18,6 +18,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../common/argument_checks.h"
 #include "ops.h"
 
 namespace msd_fast {
@@ -171,15 +172,6 @@ void scatter_views(const BackwardTensors<scalar_t>& t, const BackwardGeometry& g
   }
 }
 
-void check_output(const c10::optional<torch::Tensor>& grad, const torch::Tensor& grad_out,
-                  std::initializer_list<int64_t> shape, const char* name) {
-  if (!grad.has_value()) return;
-  TORCH_CHECK(grad->device().is_cpu() && grad->scalar_type() == grad_out.scalar_type() && grad->is_contiguous(),
-              name, " must be a contiguous CPU tensor of grad_out's dtype");
-  TORCH_CHECK(grad->sizes() == c10::IntArrayRef(shape), name, " must have shape ", c10::IntArrayRef(shape),
-              ", got ", grad->sizes());
-}
-
 // The backward tables must describe a valid inverse index (they come from inverse_index): offsets ascending from
 // 0 to V * K per sample, sources in [0, V * K). Cheap next to the gradient itself, and no read goes out of bounds.
 void check_inverse_index(const torch::Tensor& offsets, const torch::Tensor& sources, int64_t slots) {
@@ -243,25 +235,11 @@ void masked_gather_backward(const torch::Tensor& grad_out, const torch::Tensor& 
                             int64_t num_views, const c10::optional<torch::Tensor>& grad_tokens,
                             const c10::optional<torch::Tensor>& grad_pos,
                             const c10::optional<torch::Tensor>& grad_prefix) {
-  TORCH_CHECK(grad_out.device().is_cpu() && grad_out.is_contiguous() && grad_out.dim() == 3,
-              "grad_out must be a contiguous [V * B, P + K, D] CPU tensor");
-  for (const auto* table : {&offsets, &sources}) {
-    TORCH_CHECK(table->device().is_cpu() && table->scalar_type() == at::kLong && table->is_contiguous() &&
-                    table->dim() == 2,
-                "offsets and sources must be contiguous 2-D int64 CPU tensors");
-  }
-  const int64_t V = num_views, B = offsets.size(0), N = offsets.size(1) - 1;
-  TORCH_CHECK(V > 0 && sources.size(0) == B && sources.size(1) % V == 0, "sources must be [B=", B, ", V*K]");
-  const int64_t K = sources.size(1) / V, P = grad_out.size(1) - K, D = grad_out.size(2);
-  TORCH_CHECK(grad_out.size(0) == V * B && P >= 0, "grad_out must be [V*B=", V * B, ", P + K, D] with K=", K);
-  check_output(grad_tokens, grad_out, {B, N, D}, "grad_tokens");
-  const bool pos_per_sample = grad_pos.has_value() && grad_pos->dim() == 3;
-  if (pos_per_sample) {
-    check_output(grad_pos, grad_out, {B, N, D}, "grad_pos");
-  } else {
-    check_output(grad_pos, grad_out, {N, D}, "grad_pos");
-  }
-  check_output(grad_prefix, grad_out, {P, D}, "grad_prefix");
+  TORCH_CHECK(grad_out.device().is_cpu(), "grad_out must be a CPU tensor");
+  const GatherBackwardShape shape = check_gather_backward(grad_out, offsets, sources, num_views, grad_tokens, grad_pos,
+                                                          grad_prefix);
+  const int64_t V = shape.V, B = shape.B, N = shape.N, K = shape.K, P = shape.P, D = shape.D;
+  const bool pos_per_sample = shape.pos_per_sample;
   check_inverse_index(offsets, sources, V * K);
 
   const BackwardGeometry geometry{V, B, N, K, P, D};

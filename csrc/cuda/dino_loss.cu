@@ -18,6 +18,7 @@
 #include <cmath>
 #include <limits>
 
+#include "../common/argument_checks.h"
 #include "ops.h"
 
 namespace msd_fast {
@@ -229,28 +230,15 @@ std::tuple<torch::Tensor, torch::Tensor> dino_loss(const torch::Tensor& student,
                                                    const torch::Tensor& center, int64_t n_student_views,
                                                    int64_t n_teacher_views, double student_temp, double teacher_temp,
                                                    bool compute_grad) {
-  TORCH_CHECK(student.is_cuda() && teacher.device() == student.device() && center.device() == student.device(),
-              "student, teacher and center must be CUDA tensors on one device");
-  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2, "student and teacher must be 2-D [views * B, K]");
-  TORCH_CHECK(student.is_contiguous() && teacher.is_contiguous() && center.is_contiguous(),
-              "student, teacher and center must be contiguous");
-  TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), "teacher must have the student's dtype");
-  TORCH_CHECK(n_student_views > 0 && n_teacher_views > 0, "view counts must be positive");
+  TORCH_CHECK(student.is_cuda(), "student, teacher and center must be CUDA tensors");
   TORCH_CHECK(n_teacher_views <= kMaxTeacherViews, "the CUDA kernel supports up to ", kMaxTeacherViews,
               " teacher views, got ", n_teacher_views, " (backend='triton' has no limit)");
-  TORCH_CHECK(student.size(0) % n_student_views == 0 && teacher.size(0) % n_teacher_views == 0,
-              "row counts must be multiples of the view counts");
-  const int64_t batch = student.size(0) / n_student_views, K = student.size(1);
-  TORCH_CHECK(batch > 0 && teacher.size(0) / n_teacher_views == batch, "student and teacher batch sizes differ");
-  TORCH_CHECK(K > 0 && teacher.size(1) == K, "student and teacher must have the same K >= 1");
-  TORCH_CHECK(center.dim() == 1 && center.size(0) == K, "center must have shape [K]");
+  const DinoLossShape checked = check_dino_loss(student, teacher, center, n_student_views, n_teacher_views,
+                                                student_temp, teacher_temp);
+  const int64_t batch = checked.batch;
   TORCH_CHECK(student.size(0) < (int64_t{1} << 31), "too many student rows for one launch");
   const int64_t pairs = n_teacher_views * n_student_views - std::min(n_teacher_views, n_student_views);
-  TORCH_CHECK(pairs > 0, "the view counts form no (teacher view, other student view) pair");
-  TORCH_CHECK(student_temp > 0 && teacher_temp > 0, "temperatures must be positive");
   const at::ScalarType acc_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(center.scalar_type() == acc_type, "center must be ", c10::toString(acc_type), " for ",
-              c10::toString(student.scalar_type()), " logits");
 
   const c10::cuda::CUDAGuard guard(student.device());
   auto row_losses = torch::empty({student.size(0)}, student.options().dtype(acc_type));

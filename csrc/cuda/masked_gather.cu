@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../common/argument_checks.h"
 #include "ops.h"
 
 namespace msd_fast {
@@ -219,16 +220,6 @@ void check_on(const torch::Tensor& t, const torch::Tensor& reference, const char
   TORCH_CHECK(t.device() == reference.device(), name, " must be on ", reference.device(), ", got ", t.device());
 }
 
-void check_output(const c10::optional<torch::Tensor>& grad, const torch::Tensor& grad_out,
-                  std::initializer_list<int64_t> shape, const char* name) {
-  if (!grad.has_value()) return;
-  check_on(*grad, grad_out, name);
-  TORCH_CHECK(grad->scalar_type() == grad_out.scalar_type() && grad->is_contiguous(), name,
-              " must be contiguous with grad_out's dtype");
-  TORCH_CHECK(grad->sizes() == c10::IntArrayRef(shape), name, " must have shape ", c10::IntArrayRef(shape),
-              ", got ", grad->sizes());
-}
-
 }  // namespace
 
 torch::Tensor masked_gather_forward(const torch::Tensor& tokens, const torch::Tensor& idx,
@@ -280,25 +271,11 @@ void masked_gather_backward(const torch::Tensor& grad_out, const torch::Tensor& 
                             int64_t num_views, const c10::optional<torch::Tensor>& grad_tokens,
                             const c10::optional<torch::Tensor>& grad_pos,
                             const c10::optional<torch::Tensor>& grad_prefix) {
-  TORCH_CHECK(grad_out.is_cuda() && grad_out.is_contiguous() && grad_out.dim() == 3,
-              "grad_out must be a contiguous [V * B, P + K, D] CUDA tensor");
-  for (const auto* table : {&offsets, &sources}) {
-    check_on(*table, grad_out, "offsets and sources");
-    TORCH_CHECK(table->scalar_type() == at::kLong && table->is_contiguous() && table->dim() == 2,
-                "offsets and sources must be contiguous 2-D int64 tensors (from inverse_index)");
-  }
-  const int64_t V = num_views, B = offsets.size(0), N = offsets.size(1) - 1;
-  TORCH_CHECK(V > 0 && sources.size(0) == B && sources.size(1) % V == 0, "sources must be [B=", B, ", V*K]");
-  const int64_t K = sources.size(1) / V, P = grad_out.size(1) - K, D = grad_out.size(2);
-  TORCH_CHECK(grad_out.size(0) == V * B && P >= 0, "grad_out must be [V*B=", V * B, ", P + K, D] with K=", K);
-  check_output(grad_tokens, grad_out, {B, N, D}, "grad_tokens");
-  const bool pos_per_sample = grad_pos.has_value() && grad_pos->dim() == 3;
-  if (pos_per_sample) {
-    check_output(grad_pos, grad_out, {B, N, D}, "grad_pos");
-  } else {
-    check_output(grad_pos, grad_out, {N, D}, "grad_pos");
-  }
-  check_output(grad_prefix, grad_out, {P, D}, "grad_prefix");
+  TORCH_CHECK(grad_out.is_cuda(), "grad_out must be a CUDA tensor");
+  const GatherBackwardShape shape = check_gather_backward(grad_out, offsets, sources, num_views, grad_tokens, grad_pos,
+                                                          grad_prefix);
+  const int64_t V = shape.V, B = shape.B, N = shape.N, K = shape.K, P = shape.P, D = shape.D;
+  const bool pos_per_sample = shape.pos_per_sample;
 
   const bool token_items = grad_tokens.has_value() || grad_pos.has_value();
   const int64_t first_item = token_items ? 0 : N;
