@@ -52,6 +52,31 @@ inline GatherBackwardShape check_gather_backward(const torch::Tensor& grad_out, 
   return {V, B, N, K, P, D, pos_per_sample};
 }
 
+// Where a masked_gather backward reads and writes (grad_out, the inverse index, and the gradients asked for, or
+// null); a plain struct passed by value to the CPU and CUDA kernels.
+template <typename scalar_t>
+struct GatherBackwardPointers {
+  const scalar_t* grad_out;
+  const int64_t* offsets;
+  const int64_t* sources;
+  scalar_t* grad_tokens;
+  scalar_t* grad_pos;
+  bool pos_per_sample;
+  scalar_t* grad_prefix;
+};
+
+template <typename scalar_t>
+inline GatherBackwardPointers<scalar_t> gather_backward_pointers(
+    const torch::Tensor& grad_out, const torch::Tensor& offsets, const torch::Tensor& sources,
+    const c10::optional<torch::Tensor>& grad_tokens, const c10::optional<torch::Tensor>& grad_pos,
+    const c10::optional<torch::Tensor>& grad_prefix, bool pos_per_sample) {
+  const auto pointer = [](const c10::optional<torch::Tensor>& t) {
+    return t.has_value() ? t->data_ptr<scalar_t>() : nullptr;
+  };
+  return {grad_out.data_ptr<scalar_t>(), offsets.data_ptr<int64_t>(), sources.data_ptr<int64_t>(),
+          pointer(grad_tokens), pointer(grad_pos), pos_per_sample, pointer(grad_prefix)};
+}
+
 // Geometry of a DINO loss call: B samples per view, K logits per row.
 struct DinoLossShape {
   int64_t batch, K;

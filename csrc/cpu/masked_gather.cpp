@@ -94,20 +94,9 @@ void check_index_values(const torch::Tensor& idx, int64_t N) {
 }
 
 // Where the backward reads and writes: grad_out [V * B, P + K, D] contiguous; outputs contiguous or null.
-struct BackwardGeometry {
-  int64_t V, B, N, K, P, D;
-};
-
+using BackwardGeometry = GatherBackwardShape;
 template <typename scalar_t>
-struct BackwardTensors {
-  const scalar_t* grad_out;
-  const int64_t* offsets;
-  const int64_t* sources;
-  scalar_t* grad_tokens;
-  scalar_t* grad_pos;
-  bool pos_per_sample;
-  scalar_t* grad_prefix;
-};
+using BackwardTensors = GatherBackwardPointers<scalar_t>;
 
 template <typename scalar_t, typename opmath_t>
 void store_row(scalar_t* out, const opmath_t* sum, int64_t D) {
@@ -238,20 +227,12 @@ void masked_gather_backward(const torch::Tensor& grad_out, const torch::Tensor& 
   TORCH_CHECK(grad_out.device().is_cpu(), "grad_out must be a CPU tensor");
   const GatherBackwardShape shape = check_gather_backward(grad_out, offsets, sources, num_views, grad_tokens, grad_pos,
                                                           grad_prefix);
-  const int64_t V = shape.V, B = shape.B, N = shape.N, K = shape.K, P = shape.P, D = shape.D;
-  const bool pos_per_sample = shape.pos_per_sample;
-  check_inverse_index(offsets, sources, V * K);
+  check_inverse_index(offsets, sources, shape.V * shape.K);
 
-  const BackwardGeometry geometry{V, B, N, K, P, D};
+  const BackwardGeometry& geometry = shape;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "masked_gather_backward_cpu", [&] {
-    const BackwardTensors<scalar_t> tensors{
-        grad_out.data_ptr<scalar_t>(),
-        offsets.data_ptr<int64_t>(),
-        sources.data_ptr<int64_t>(),
-        grad_tokens.has_value() ? grad_tokens->data_ptr<scalar_t>() : nullptr,
-        grad_pos.has_value() ? grad_pos->data_ptr<scalar_t>() : nullptr,
-        pos_per_sample,
-        grad_prefix.has_value() ? grad_prefix->data_ptr<scalar_t>() : nullptr};
+    const auto tensors = gather_backward_pointers<scalar_t>(grad_out, offsets, sources, grad_tokens, grad_pos,
+                                                            grad_prefix, shape.pos_per_sample);
     scatter_views(tensors, geometry);
   });
 }

@@ -85,20 +85,9 @@ __global__ void masked_gather_forward_kernel(const scalar_t* __restrict__ tokens
   }
 }
 
-struct BackwardGeometry {
-  int64_t V, B, N, K, P, D;
-};
-
+using BackwardGeometry = GatherBackwardShape;
 template <typename scalar_t>
-struct BackwardTensors {
-  const scalar_t* grad_out;
-  const int64_t* offsets;
-  const int64_t* sources;
-  scalar_t* grad_tokens;
-  scalar_t* grad_pos;
-  bool pos_per_sample;
-  scalar_t* grad_prefix;
-};
+using BackwardTensors = GatherBackwardPointers<scalar_t>;
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(32 * kWarps)
@@ -274,8 +263,7 @@ void masked_gather_backward(const torch::Tensor& grad_out, const torch::Tensor& 
   TORCH_CHECK(grad_out.is_cuda(), "grad_out must be a CUDA tensor");
   const GatherBackwardShape shape = check_gather_backward(grad_out, offsets, sources, num_views, grad_tokens, grad_pos,
                                                           grad_prefix);
-  const int64_t V = shape.V, B = shape.B, N = shape.N, K = shape.K, P = shape.P, D = shape.D;
-  const bool pos_per_sample = shape.pos_per_sample;
+  const int64_t N = shape.N, P = shape.P, D = shape.D;
 
   const bool token_items = grad_tokens.has_value() || grad_pos.has_value();
   const int64_t first_item = token_items ? 0 : N;
@@ -284,18 +272,12 @@ void masked_gather_backward(const torch::Tensor& grad_out, const torch::Tensor& 
   if (items == 0 || tiles == 0) return;
   TORCH_CHECK(items < (int64_t{1} << 31) && tiles < 65536, "too many tokens or features for one launch");
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  const BackwardGeometry geometry{V, B, N, K, P, D};
+  const BackwardGeometry& geometry = shape;
   const dim3 grid(static_cast<unsigned>(items), static_cast<unsigned>(tiles));
   const dim3 block(32, kWarps);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "masked_gather_backward_cuda", [&] {
-    const BackwardTensors<scalar_t> tensors{
-        grad_out.data_ptr<scalar_t>(),
-        offsets.data_ptr<int64_t>(),
-        sources.data_ptr<int64_t>(),
-        grad_tokens.has_value() ? grad_tokens->data_ptr<scalar_t>() : nullptr,
-        grad_pos.has_value() ? grad_pos->data_ptr<scalar_t>() : nullptr,
-        pos_per_sample,
-        grad_prefix.has_value() ? grad_prefix->data_ptr<scalar_t>() : nullptr};
+    const auto tensors = gather_backward_pointers<scalar_t>(grad_out, offsets, sources, grad_tokens, grad_pos,
+                                                            grad_prefix, shape.pos_per_sample);
     masked_gather_backward_kernel<scalar_t>
         <<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(tensors, geometry, first_item);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
