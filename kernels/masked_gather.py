@@ -2,7 +2,7 @@
 
 Forward: one program per (output row ``r = v * B + b``, tile of ``BLOCK_T`` token positions, tile of ``BLOCK_D``
 features) copies the prefix rows and gathers ``tokens[b, idx[v, b, k]] (+ pos)``, adding in float32 for
-float16/bfloat16 and rounding once (bfloat16 round-to-nearest-even explicitly, see ``_float32_to_bfloat16_rtne``).
+float16/bfloat16 and rounding once (bfloat16 round-to-nearest-even explicitly, see ``float32_to_bfloat16_rtne``).
 
 Backward (no atomics): program ``n < N`` of a ``BLOCK_D`` feature tile walks the samples ``BLOCK_B`` at a time;
 each sample's slots that read token ``n`` come from the inverse index (``offsets``, ``sources``) and are summed in
@@ -13,13 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .patch_permute import _float32_to_bfloat16_rtne
+from .rounding import float32_to_bfloat16_rtne
 
 
 @triton.jit
 def _round_to_output(value, IS_BF16: tl.constexpr, OUT_DTYPE: tl.constexpr):
     if IS_BF16:
-        return _float32_to_bfloat16_rtne(value)
+        return float32_to_bfloat16_rtne(value)
     return value.to(OUT_DTYPE)
 
 

@@ -8,15 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _float32_to_bfloat16_rtne(x):
-    # Round to nearest even explicitly: Triton's interpreter truncates on this cast, GPUs round; this matches both
-    # to torch's rounding (NaN stays NaN).
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
-    rounded = tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)
-    return rounded.to(tl.bfloat16, bitcast=True)
+from .rounding import float32_to_bfloat16_rtne
 
 
 @triton.jit
@@ -53,7 +45,7 @@ def _patch_permute_kernel(x_ptr, out_ptr, src_block_ptr, src_elem_ptr, flip_ptr,
         elif OPMATH_F64:
             flipped = MAX_VALUE - value
         elif IS_BF16:
-            flipped = _float32_to_bfloat16_rtne(MAX_VALUE - value.to(tl.float32))
+            flipped = float32_to_bfloat16_rtne(MAX_VALUE - value.to(tl.float32))
         else:
             flipped = (MAX_VALUE - value.to(tl.float32)).to(value.dtype)
         value = tl.where(flip != 0, flipped, value)
