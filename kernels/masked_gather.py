@@ -19,7 +19,7 @@ from .rounding import float32_to_bfloat16_rtne
 @triton.jit
 def _round_to_output(value, IS_BF16: tl.constexpr, OUT_DTYPE: tl.constexpr):
     if IS_BF16:
-        return float32_to_bfloat16_rtne(value)
+        return float32_to_bfloat16_rtne(value.to(tl.float32))
     return value.to(OUT_DTYPE)
 
 
@@ -56,7 +56,7 @@ def _token_gradient(grad_out_ptr, offsets_ptr, sources_ptr, grad_tokens_ptr, gra
                     IS_BF16: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     # POS_GRAD: 0 none, 1 shared [N, D] (sum over samples), 2 per sample [B, N, D].
     row_len = P + K
-    pos_sum = tl.zeros([BLOCK_D], dtype=ACC)
+    pos_sum = tl.zeros([BLOCK_D], dtype=tl.float64)  # sums over samples: float64, they add hundreds of terms
     for b0 in range(0, B, BLOCK_B):
         b = b0 + tl.arange(0, BLOCK_B)
         in_b = b < B
@@ -79,21 +79,21 @@ def _token_gradient(grad_out_ptr, offsets_ptr, sources_ptr, grad_tokens_ptr, gra
             tl.store(grad_pos_ptr + token, _round_to_output(sample_sum, IS_BF16, grad_pos_ptr.dtype.element_ty),
                      mask=store_mask)
         if POS_GRAD == 1:
-            pos_sum += tl.sum(sample_sum, axis=0)
+            pos_sum += tl.sum(sample_sum.to(tl.float64), axis=0)
     if POS_GRAD == 1:
         tl.store(grad_pos_ptr + n * D + d, _round_to_output(pos_sum, IS_BF16, grad_pos_ptr.dtype.element_ty),
                  mask=in_d)
 
 
 @triton.jit
-def _prefix_gradient(grad_out_ptr, grad_prefix_ptr, p, d, in_d, rows_total, row_len, D, ACC: tl.constexpr,
-                     IS_BF16: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    column_sum = tl.zeros([BLOCK_B, BLOCK_D], dtype=ACC)
+def _prefix_gradient(grad_out_ptr, grad_prefix_ptr, p, d, in_d, rows_total, row_len, D, IS_BF16: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    column_sum = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float64)  # hundreds of rows: accumulate in float64
     for r0 in range(0, rows_total, BLOCK_B):
         r = r0 + tl.arange(0, BLOCK_B)
         rows = tl.load(grad_out_ptr + (r * row_len + p)[:, None] * D + d[None, :],
                        mask=(r < rows_total)[:, None] & in_d[None, :], other=0)
-        column_sum += rows.to(ACC)
+        column_sum += rows.to(tl.float64)
     tl.store(grad_prefix_ptr + p * D + d,
              _round_to_output(tl.sum(column_sum, axis=0), IS_BF16, grad_prefix_ptr.dtype.element_ty), mask=in_d)
 
@@ -110,7 +110,7 @@ def _masked_gather_backward_kernel(grad_out_ptr, offsets_ptr, sources_ptr, grad_
         _token_gradient(grad_out_ptr, offsets_ptr, sources_ptr, grad_tokens_ptr, grad_pos_ptr, item, d, in_d, B, N,
                         K, P, D, V, WRITE_TOKENS, POS_GRAD, ACC, IS_BF16, BLOCK_B, BLOCK_D)
     else:
-        _prefix_gradient(grad_out_ptr, grad_prefix_ptr, item - N, d, in_d, V * B, P + K, D, ACC, IS_BF16, BLOCK_B,
+        _prefix_gradient(grad_out_ptr, grad_prefix_ptr, item - N, d, in_d, V * B, P + K, D, IS_BF16, BLOCK_B,
                          BLOCK_D)
 
 

@@ -106,10 +106,10 @@ void store_row(scalar_t* out, const opmath_t* sum, int64_t D) {
 // Token n: for each sample, the sum of the grad_out rows that read (b, n); their sum over samples for a shared pos.
 template <typename scalar_t, typename opmath_t>
 void token_gradient(const BackwardTensors<scalar_t>& t, const BackwardGeometry& g, int64_t n, opmath_t* sample_sum,
-                    opmath_t* pos_sum) {
+                    double* pos_sum) {
   const int64_t row_len = g.P + g.K, D = g.D;
   const bool shared_pos = t.grad_pos != nullptr && !t.pos_per_sample;
-  if (shared_pos) std::fill(pos_sum, pos_sum + D, opmath_t(0));
+  if (shared_pos) std::fill(pos_sum, pos_sum + D, 0.0);
   for (int64_t b = 0; b < g.B; ++b) {
     std::fill(sample_sum, sample_sum + D, opmath_t(0));
     const int64_t* slots = t.sources + b * g.V * g.K;
@@ -129,14 +129,14 @@ void token_gradient(const BackwardTensors<scalar_t>& t, const BackwardGeometry& 
   if (shared_pos) store_row(t.grad_pos + n * D, pos_sum, D);
 }
 
-// Prefix token p: the sum of column p over all V * B output rows.
-template <typename scalar_t, typename opmath_t>
-void prefix_gradient(const BackwardTensors<scalar_t>& t, const BackwardGeometry& g, int64_t p, opmath_t* sum) {
+// Prefix token p: the sum of column p over all V * B output rows (in float64: it adds hundreds of terms).
+template <typename scalar_t>
+void prefix_gradient(const BackwardTensors<scalar_t>& t, const BackwardGeometry& g, int64_t p, double* sum) {
   const int64_t row_len = g.P + g.K, D = g.D;
-  std::fill(sum, sum + D, opmath_t(0));
+  std::fill(sum, sum + D, 0.0);
   for (int64_t r = 0; r < g.V * g.B; ++r) {
     const scalar_t* row = t.grad_out + (r * row_len + p) * D;
-    for (int64_t d = 0; d < D; ++d) sum[d] += static_cast<opmath_t>(row[d]);
+    for (int64_t d = 0; d < D; ++d) sum[d] += static_cast<double>(row[d]);
   }
   store_row(t.grad_prefix + p * D, sum, D);
 }
@@ -149,13 +149,14 @@ void scatter_views(const BackwardTensors<scalar_t>& t, const BackwardGeometry& g
   const int64_t first = token_items ? 0 : g.N;
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    std::vector<opmath_t> sample_sum(g.D), pos_sum(g.D);
+    std::vector<opmath_t> sample_sum(g.D);
+    std::vector<double> cross_sample_sum(g.D);  // shared pos and prefix: sums over samples/rows in float64
 #pragma omp for schedule(static)
     for (int64_t item = first; item < g.N + prefix_items; ++item) {
       if (item < g.N) {
-        token_gradient(t, g, item, sample_sum.data(), pos_sum.data());
+        token_gradient(t, g, item, sample_sum.data(), cross_sample_sum.data());
       } else {
-        prefix_gradient(t, g, item - g.N, sample_sum.data());
+        prefix_gradient(t, g, item - g.N, cross_sample_sum.data());
       }
     }
   }

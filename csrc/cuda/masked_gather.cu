@@ -93,11 +93,11 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(32 * kWarps)
     masked_gather_backward_kernel(BackwardTensors<scalar_t> t, BackwardGeometry g, int64_t first_item) {
   using opmath_t = at::opmath_type<scalar_t>;
-  __shared__ opmath_t warp_sums[kWarps][kTileD];
+  __shared__ double warp_sums[kWarps][kTileD];  // sums over samples / rows: float64, they add hundreds of terms
   const int lane = threadIdx.x, warp = threadIdx.y;
   const int64_t item = first_item + blockIdx.x, d0 = static_cast<int64_t>(blockIdx.y) * kTileD + lane;
   const int64_t row_len = g.P + g.K;
-  opmath_t total[kPerLane] = {};
+  double total[kPerLane] = {};
   scalar_t* reduced_out = nullptr;
   if (item < g.N) {
     const int64_t n = item;
@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(32 * kWarps)
 #pragma unroll
       for (int j = 0; j < kPerLane; ++j) {
         const int64_t d = d0 + 32 * j;
-        if (d < g.D) total[j] += static_cast<opmath_t>(row[d]);
+        if (d < g.D) total[j] += static_cast<double>(row[d]);
       }
     }
     reduced_out = t.grad_prefix + p * g.D;
@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(32 * kWarps)
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
     const int64_t d = d0 + 32 * j;
-    opmath_t sum = 0;
+    double sum = 0;
     for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][lane + 32 * j];
     if (d < g.D) reduced_out[d] = static_cast<scalar_t>(sum);
   }
