@@ -70,14 +70,17 @@ class DINOHead(nn.Module):
         dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-            layers.append(nn.Linear(a, b))
-            if i < n_layers - 1:
+            hidden = i < n_layers - 1
+            # A bias right before BatchNorm is removed by it (its gradient is exactly zero): leave it out.
+            layers.append(nn.Linear(a, b, bias=not (hidden and use_bn)))
+            if hidden:
                 layers += ([GlobalBatchNorm1d(b)] if use_bn else []) + [nn.GELU()]
         self.mlp = nn.Sequential(*layers)
         for module in self.mlp:
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         self.last_layer = NormalizedLinear(bottleneck_dim, out_dim, norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,9 +95,14 @@ def create_backbone(arch: str, *, image_size: Sequence[int], patch_size: int, in
                   in_chans=in_chans, drop_path_rate=drop_path_rate, **overrides)
     if token_mode:
         kwargs["pos_embed"] = "none"
-    model = timm.create_model(arch, **kwargs)
+    if not timm.is_model(arch):
+        raise ValueError(f"--arch {arch!r} is not a timm model name (see timm.list_models('vit_*'))")
+    try:
+        model = timm.create_model(arch, **kwargs)
+    except TypeError:  # a non-ViT family rejects the ViT keyword arguments
+        model = None
     if not isinstance(model, VisionTransformer):
-        raise ValueError(f"--arch {arch!r} is not a timm VisionTransformer (got {type(model).__name__})")
+        raise ValueError(f"--arch {arch!r} is not a timm VisionTransformer")
     if model.cls_token is None or model.global_pool != "token":
         raise ValueError(f"--arch {arch!r}: masked sampling distillation uses the class token (global_pool='token')")
     return model
