@@ -194,3 +194,23 @@ def test_two_gloo_processes_match_one_process_with_the_global_batch(shards, tmp_
             assert relative < 1e-3, f"{part}.{name}: relative difference {relative:.2e}"
     torch.testing.assert_close(distributed["dino_loss"]["center"], single["dino_loss"]["center"], rtol=1e-4,
                                atol=1e-6)
+
+
+def test_token_mode_pretrains_on_permuted_tokens_and_exports(tmp_path):
+    from msd_fast import permute_tokens
+    from msd_fast.token_embedding import TokenEmbedder
+
+    embedder = TokenEmbedder.from_key(KEY, patch_size=4, in_chans=1, image_size=(32, 32), embed_dim=24)
+    tokens = permute_tokens(embedder(structured_images(32, seed=3)), KEY, list(range(32))).half()
+    meta = shard_metadata(mode="token", count=32, item_shape=tokens.shape[1:], dtype="float16", patch_size=4,
+                          image_size=(32, 32), channels=1, key_fingerprint=KEY.fingerprint,
+                          encryption={"embed_dim": 24, "sample_id_start": 0})
+    write_shard(tmp_path / "tokens.shard", [tokens], meta)
+    config = tiny_config([str(tmp_path / "tokens.shard")], tmp_path / "run", embed_dim=None, depth=1, num_heads=2,
+                         epochs=1)
+    with pytest.raises(ValueError, match="differs from the token shards' D = 24"):
+        pretrain(dataclasses.replace(config, embed_dim=48))
+    pretrain(config)
+    metadata = export_backbone(str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "model.safetensors"))
+    model, _ = load_exported(str(tmp_path / "model.safetensors"))
+    assert metadata["mode"] == "token" and model.pos_embed is None and model.embed_dim == 24
