@@ -187,7 +187,7 @@ def decrypt_shard(shard, key: Key, indices=None) -> torch.Tensor:
                            sample_ids=ids if options["per_sample"] else None)
 
 
-# ---- command line -------------------------------------------------------------------------------------------------------
+# ---- command line --------------------------------------------------------------------------------------------------
 
 def add_keygen_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="key file to write (mode 0600)")

@@ -23,7 +23,7 @@ def key_file(tmp_path):
     return str(path)
 
 
-# ---- keygen -----------------------------------------------------------------------------------------------------------
+# ---- keygen --------------------------------------------------------------------------------------------------------
 
 def test_keygen_random_and_from_secret_file(tmp_path, capsys):
     assert main(["keygen", "--out", str(tmp_path / "a.key")]) == 0
@@ -53,7 +53,7 @@ def test_keygen_refuses_to_overwrite_and_rejects_empty_secrets(tmp_path, capsys)
     assert not (tmp_path / "new.key").exists()
 
 
-# ---- encode -----------------------------------------------------------------------------------------------------------
+# ---- encode --------------------------------------------------------------------------------------------------------
 
 def test_cli_encode_round_trip_without_labels(tmp_path, key_file, capsys):
     shard_path = tmp_path / "site-a.shard"

@@ -24,7 +24,7 @@ def _write(path, array, **kwargs):
     Image.fromarray(array).save(path, **kwargs)
 
 
-# ---- folders ----------------------------------------------------------------------------------------------------------
+# ---- folders -------------------------------------------------------------------------------------------------------
 
 def test_class_folders_gray_png(tmp_path):
     arrays = {("benign", "a.png"): _gray(0), ("benign", "b.png"): _gray(1), ("malignant", "x.png"): _gray(2),
@@ -120,7 +120,8 @@ def test_folder_is_lazy_and_names_a_file_that_breaks_later(tmp_path):
 @pytest.mark.parametrize("setup, match", [
     (lambda p: None, "no images found"),
     (lambda p: (p / "x.png").write_bytes(b"\x89PNG garbage"), r"x\.png: not a readable image"),
-    (lambda p: (_write(str(p / "a.png"), _gray(0)), _write(str(p / "cls" / "b.png"), _gray(1))), "both images .* and class sub-folders"),
+    (lambda p: (_write(str(p / "a.png"), _gray(0)), _write(str(p / "cls" / "b.png"), _gray(1))),
+     "both images .* and class sub-folders"),
     (lambda p: (_write(str(p / "cls" / "b.png"), _gray(1)), (p / "empty").mkdir()), "'empty' has no images"),
 ])
 def test_folder_errors(tmp_path, setup, match):
@@ -137,7 +138,7 @@ def test_truncated_file_is_named(tmp_path):
         load_dataset(tmp_path).to_tensor()
 
 
-# ---- .npz / .npy / arrays -----------------------------------------------------------------------------------------------
+# ---- .npz / .npy / arrays ------------------------------------------------------------------------------------------
 
 def _medmnist(path, rgb=False):
     rng = np.random.default_rng(0)
@@ -255,7 +256,7 @@ def test_load_dataset_spec_errors(tmp_path):
         load_dataset("synthetic:2", labels=[0, 1])
 
 
-# ---- ImageSet, patch size, conversions ----------------------------------------------------------------------------------
+# ---- ImageSet, patch size, conversions -----------------------------------------------------------------------------
 
 def test_imageset_batches_subset_and_to_tensor():
     images = torch.arange(6 * 2 * 2, dtype=torch.int64).remainder(256).to(torch.uint8).view(6, 1, 2, 2)

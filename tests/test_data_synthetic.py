@@ -1,4 +1,5 @@
-"""The embedded synthetic dataset: determinism, balance, and that its classes differ spatially, not in pixel statistics."""
+"""The embedded synthetic dataset: determinism, balance, and that its classes differ spatially, not in pixel
+statistics."""
 import hashlib
 
 import numpy as np
@@ -81,25 +82,35 @@ def _ridge_accuracy(features: torch.Tensor, labels: torch.Tensor, n_train: int, 
     return ((f[n_train:] @ weights).argmax(1) == labels[n_train:]).double().mean().item()
 
 
+def _quantiles(values: torch.Tensor, qs) -> torch.Tensor:
+    """Per-row quantiles ``[n, len(qs)]`` of ``values [n, m]`` (nearest rank; one sort)."""
+    ranked = values.sort(dim=1).values
+    return ranked[:, [round(q * (values.shape[1] - 1)) for q in qs]]
+
+
 def _pixel_statistics(x: torch.Tensor) -> torch.Tensor:
     """Per image: mean, std, a 32-bin histogram and 11 quantiles -- functions of the pixel values alone."""
     flat = x.flatten(1)
-    histogram = torch.stack([torch.histc(v, 32, 0.0, 1.0) for v in flat]) / flat.shape[1]
-    quantiles = flat.quantile(torch.linspace(0, 1, 11), dim=1).T
+    bins = (flat * 32).long().clamp_(0, 31)
+    histogram = torch.zeros(len(flat), 32).scatter_add_(1, bins, torch.ones_like(flat)) / flat.shape[1]
+    quantiles = _quantiles(flat, [i / 10 for i in range(11)])
     return torch.cat([flat.mean(1, keepdim=True), flat.std(1, keepdim=True), histogram, quantiles], 1)
 
 
 def _spatial_statistics(x: torch.Tensor) -> torch.Tensor:
-    """Per image, at three scales: mean / max / quantiles of Laplacian and gradient responses (neighbourhoods)."""
-    laplacian = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
+    """Per image, at three scales: mean, max and upper quantiles (0.9, 0.99) of Laplacian and gradient responses --
+    functions of pixel neighbourhoods."""
     features, level = [], x
     for _ in range(3):
-        response = F.conv2d(level, laplacian, padding=1)
+        padded = F.pad(level, (1, 1, 1, 1), mode="replicate")
+        laplacian = (padded[..., :-2, 1:-1] + padded[..., 2:, 1:-1] + padded[..., 1:-1, :-2] + padded[..., 1:-1, 2:]
+                     - 4 * level)
         grad_x, grad_y = level[..., :, 1:] - level[..., :, :-1], level[..., 1:, :] - level[..., :-1, :]
-        for m in (response.abs(), -response, grad_x.abs(), grad_y.abs()):
+        for m in (laplacian.abs(), -laplacian, grad_x.abs(), grad_y.abs()):
             m = m.flatten(1)
-            features += [m.mean(1, keepdim=True), m.amax(1, keepdim=True),
-                         m.quantile(torch.tensor([0.5, 0.9, 0.99]), dim=1).T]
+            top = m.topk(max(1, m.shape[1] // 10), dim=1).values  # descending: the upper 10 %
+            q99 = top[:, max(0, m.shape[1] // 100 - 1)][:, None]
+            features += [m.mean(1, keepdim=True), top[:, :1], top[:, -1:], q99]
         level = F.avg_pool2d(level, 2)
     return torch.cat(features, 1)
 
@@ -110,9 +121,9 @@ def test_classes_differ_spatially_not_in_pixel_statistics():
     n_train, chance = 500, 1.0 / len(CLASS_NAMES)
     pixel_accuracy = _ridge_accuracy(_pixel_statistics(x), labels, n_train, len(CLASS_NAMES))
     spatial_accuracy = _ridge_accuracy(_spatial_statistics(x), labels, n_train, len(CLASS_NAMES))
-    # 300 test images: chance is 0.20 with a standard deviation of 0.023.
+    # 300 test images: chance is 0.20 with a standard deviation of 0.023. Measured: 0.24 and 0.46.
     assert pixel_accuracy < chance + 0.08, pixel_accuracy
-    assert spatial_accuracy > chance + 0.2, spatial_accuracy
+    assert spatial_accuracy > max(chance + 0.15, pixel_accuracy + 0.15), (spatial_accuracy, pixel_accuracy)
     # Mean intensity matched per class (to within sampling noise of the per-image means).
     class_means = torch.stack([x[labels == c].mean() for c in range(len(CLASS_NAMES))])
     assert (class_means.max() - class_means.min()).item() < 0.015, class_means

@@ -27,7 +27,7 @@ _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 PathLike = Union[str, os.PathLike]
 
 
-# ---- image files ------------------------------------------------------------------------------------------------------
+# ---- image files ---------------------------------------------------------------------------------------------------
 
 def decode_image(path: str, high_bit_depth: str = "per_image") -> torch.Tensor:
     """Decode one image file to uint8 ``[1, C, H, W]`` with ``C`` = 1 (gray modes) or 3 (colour; alpha dropped).
@@ -67,7 +67,8 @@ class FileReader:
 
     def __init__(self, paths: list[str], geometry: tuple[int, int, int], size: Optional[tuple[int, int]],
                  high_bit_depth: str, root: str):
-        self.paths, self.geometry, self.size, self.high_bit_depth, self.root = paths, geometry, size, high_bit_depth, root
+        self.paths, self.geometry, self.size = paths, geometry, size
+        self.high_bit_depth, self.root = high_bit_depth, root
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -160,7 +161,7 @@ def load_folder(folder: PathLike, *, size: Size = None, channels: Optional[int] 
     return ImageSet(reader, labels, class_names)
 
 
-# ---- arrays -----------------------------------------------------------------------------------------------------------
+# ---- arrays --------------------------------------------------------------------------------------------------------
 
 def _infer_layout(shape: tuple, what: str) -> str:
     if len(shape) == 3:
@@ -315,7 +316,7 @@ def load_npz(path: PathLike, *, split: str = "train", layout: Optional[str] = No
                        description=f"{path} [{split}]")
 
 
-# ---- one entry point --------------------------------------------------------------------------------------------------
+# ---- one entry point -----------------------------------------------------------------------------------------------
 
 def load_dataset(spec, *, size: Size = None, channels: Optional[int] = None, split: str = "train", labels=None,
                  layout: Optional[str] = None, high_bit_depth: str = "per_image") -> ImageSet:
