@@ -189,3 +189,19 @@ def test_encode_refuses_to_overwrite_and_unlabeled_alpha(tmp_path, key_file, cap
     unlabeled = from_arrays(np.zeros((6, 8, 8), np.uint8))
     with pytest.raises(DataError, match="needs labels"):
         client_subset(unlabeled, 2, 0, alpha=1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode, options", [("image", {}), ("image", {"per_sample": True, "negpos": True}),
+                                           ("token", {"token_dtype": "float32", "embed_dim": 32})])
+def test_encode_on_cuda_matches_cpu(tmp_path, mode, options):
+    data = synthetic_dataset(70, size=32, channels=3)
+    common = dict(patch_size=8, mode=mode, sample_id_start=3, batch_size=32, **options)
+    cpu = encode_dataset(data, KEY, str(tmp_path / "cpu.shard"), **common)
+    gpu = encode_dataset(data, KEY, str(tmp_path / "gpu.shard"), device="cuda", **common)
+    if mode == "image":
+        assert gpu.checksum == cpu.checksum
+        assert torch.equal(decrypt_shard(str(tmp_path / "gpu.shard"), KEY), data.to_tensor())
+    else:
+        torch.testing.assert_close(open_shard(tmp_path / "gpu.shard")[0:70], open_shard(tmp_path / "cpu.shard")[0:70],
+                                   atol=1e-3, rtol=1e-3)
