@@ -248,12 +248,13 @@ def add_encode_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_encode(args: argparse.Namespace) -> int:
+    simulate = args.clients is not None or args.client_index is not None or args.alpha is not None
+    if simulate and (args.clients is None or args.client_index is None):
+        raise ValueError("--clients N and --client-index i go together (and --alpha needs both)")
+    key = Key.load(args.key)  # before reading any data: a wrong key path fails at once
     images = load_dataset(args.data, size=args.image_size, channels=args.channels, split=args.split)
-    if args.clients is not None or args.client_index is not None or args.alpha is not None:
-        if args.clients is None or args.client_index is None:
-            raise ValueError("--clients N and --client-index i go together (and --alpha needs both)")
+    if simulate:
         images = client_subset(images, args.clients, args.client_index, alpha=args.alpha, seed=args.seed)
-    key = Key.load(args.key)
     client = args.client if args.client is not None else os.path.splitext(os.path.basename(args.out))[0]
     meta = encode_dataset(images, key, args.out, patch_size=args.patch_size, mode=args.mode,
                           block_scramble=args.block_scramble, pixel_shuffle=args.pixel_shuffle, negpos=args.negpos,
