@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_encrypt_demo)
     _add_client_parsers(commands)
     _add_pretrain_parsers(commands)
+    _add_downstream_parsers(commands)
     return parser
 
 
@@ -92,6 +93,22 @@ def _add_pretrain_parsers(commands) -> None:
     export.add_argument("--out", required=True, help="the .safetensors file to write")
     export.add_argument("--force", action="store_true", help="replace an existing file")
     export.set_defaults(run=_export)
+
+
+def _add_downstream_parsers(commands) -> None:
+    from .downstream.cli import (add_fedavg_arguments, add_finetune_arguments, add_probe_arguments, run_fedavg,
+                                 run_finetune, run_probe)
+
+    for name, add, run, help_text in (
+            ("finetune", add_finetune_arguments, run_finetune,
+             "client: fine-tune the exported backbone (or the same ViT from random init) and evaluate it"),
+            ("probe", add_probe_arguments, run_probe,
+             "client: k-NN and linear probe on the frozen features of the backbone (or of random init)"),
+            ("fedavg", add_fedavg_arguments, run_fedavg,
+             "baseline: supervised FedAvg over simulated clients, with its communication")):
+        parser = commands.add_parser(name, help=help_text)
+        add(parser)
+        parser.set_defaults(run=_client_command(run))
 
 
 def main(argv: list | None = None) -> int:

@@ -17,3 +17,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+DOWNSTREAM_SECRET = b"downstream test key"
+
+
+@pytest.fixture(scope="session")
+def exported_backbones(tmp_path_factory):
+    """Tiny pretrained backbones for the downstream tests, made the way a consortium makes them: 40 synthetic
+    32x32 scans encoded with :func:`msd_fast.client.encode_dataset` (image mode with negative-positive, and token
+    mode), pretrained for one epoch (ViT depth 1, width 24, patch 8), exported. Returns ``{"image": path,
+    "token": path, "secret": bytes}`` (the key is ``Key.from_secret(secret)``)."""
+    from msd_fast import Key
+    from msd_fast.client import encode_dataset
+    from msd_fast.data import synthetic_dataset
+    from msd_fast.pretrain import PretrainConfig, export_backbone, pretrain
+
+    folder = tmp_path_factory.mktemp("exported")
+    key = Key.from_secret(DOWNSTREAM_SECRET)
+    images = synthetic_dataset(40, size=32)
+    paths = {"secret": DOWNSTREAM_SECRET}
+    for mode in ("image", "token"):
+        shard = str(folder / f"{mode}.shard")
+        encode_dataset(images, key, shard, patch_size=8, mode=mode, negpos=mode == "image", embed_dim=24,
+                       sample_id_start=0, progress=False)
+        pretrain(PretrainConfig(shards=[shard], out=str(folder / mode), depth=1, embed_dim=24, num_heads=2,
+                                drop_path=0.0, out_dim=32, head_hidden_dim=32, head_bottleneck_dim=16, local_views=1,
+                                epochs=1, batch_size=16, warmup_epochs=0, progress=False))
+        paths[mode] = str(folder / f"{mode}.safetensors")
+        export_backbone(str(folder / mode / "checkpoint.pt"), paths[mode])
+    return paths

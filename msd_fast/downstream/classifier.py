@@ -64,9 +64,12 @@ class ImageClassifier(nn.Module):
 
 
 def pretrained_classifier(path: str, key: Key, n_classes: int, *, mean: float, std: float,
-                          domain: str = "plain") -> ImageClassifier:
+                          domain: str = "plain", seed: int = 0) -> ImageClassifier:
     """The client's classifier from an exported backbone (see the module docstring); a fresh linear head with
-    ``n_classes`` outputs. ``mean``/``std``: the client's scalar input standardisation (raw pixel units)."""
+    ``n_classes`` outputs, initialised from ``seed`` (so a fine-tuning run is reproducible, and the plain and
+    encrypted domains start from the same head). ``mean``/``std``: the client's scalar input standardisation (raw
+    pixel units); unused in token mode, where the key-derived embedder scales its inputs itself. Raises
+    ``ValueError`` if ``key`` is not the one the backbone was pretrained with."""
     if domain not in DOMAINS:
         raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
     vit, metadata = load_exported(path)
@@ -77,6 +80,7 @@ def pretrained_classifier(path: str, key: Key, n_classes: int, *, mean: float, s
         H, W = metadata["image_size"]
         embedder = TokenEmbedder.from_key(key, patch_size=metadata["patch_size"], in_chans=metadata["channels"],
                                           image_size=(H, W), embed_dim=vit.embed_dim)
+        torch.manual_seed(seed)
         vit.reset_classifier(n_classes)
         return ImageClassifier(vit, embedder=embedder)
     options = {k: metadata["encryption"][k] for k in ("block_scramble", "pixel_shuffle", "negpos", "max_value")}
@@ -87,14 +91,34 @@ def pretrained_classifier(path: str, key: Key, n_classes: int, *, mean: float, s
         classifier = ImageClassifier(vit, mean=mean, std=std)
     else:  # the exported model takes raw encrypted pixels
         classifier = ImageClassifier(vit, encrypt=dict(patch_size=metadata["patch_size"], **options), key=key)
+    torch.manual_seed(seed)
     classifier.vit.reset_classifier(n_classes)
     return classifier
 
 
 def random_classifier(arch: str, n_classes: int, *, image_size, patch_size: int, in_chans: int, mean: float,
                       std: float, seed: int = 0, **model_kwargs) -> ImageClassifier:
-    """The fine-tuning-only baseline: the same timm ViT, randomly initialised (seeded), on standardised images."""
+    """The fine-tuning-only baseline: the same timm ViT, randomly initialised (seeded), on standardised images.
+    ``image_size`` is ``(H, W)``; ``model_kwargs`` go to ``timm.create_model`` (e.g. depth, embed_dim, num_heads)."""
+    if not timm.is_model(arch):
+        raise ValueError(f"arch {arch!r} is not a timm model name (see timm.list_models('vit_*'))")
     torch.manual_seed(seed)
-    vit = timm.create_model(arch, pretrained=False, num_classes=n_classes, img_size=tuple(image_size),
-                            patch_size=patch_size, in_chans=in_chans, **model_kwargs)
+    try:
+        vit = timm.create_model(arch, pretrained=False, num_classes=n_classes, img_size=tuple(image_size),
+                                patch_size=patch_size, in_chans=in_chans, **model_kwargs)
+    except TypeError:  # a non-ViT family rejects the ViT keyword arguments
+        vit = None
+    if not isinstance(vit, VisionTransformer):
+        raise ValueError(f"arch {arch!r} is not a timm VisionTransformer")
     return ImageClassifier(vit, mean=mean, std=std)
+
+
+def exported_architecture(metadata: dict) -> dict:
+    """The ``random_arch`` of :func:`~msd_fast.downstream.build_classifier` for the network of an exported backbone
+    (its ``metadata``, see :func:`~msd_fast.pretrain.load_exported`), so a random-init baseline is the same ViT.
+    A token-mode backbone has no position embedding of its own (the key-derived embedder adds one); its baseline,
+    which sees plain images, keeps timm's learned position embedding."""
+    kwargs = {k: v for k, v in metadata["model_kwargs"].items()
+              if k not in ("img_size", "patch_size", "in_chans", "num_classes", "pos_embed")}
+    return dict(arch=metadata["arch"], image_size=tuple(metadata["image_size"]), patch_size=metadata["patch_size"],
+                in_chans=metadata["channels"], **kwargs)

@@ -29,12 +29,13 @@ class LabelledSplit:
 def build_classifier(split: LabelledSplit, *, model: Optional[str], key: Optional[Key], domain: str = "plain",
                      random_arch: Optional[dict] = None, seed: int = 0):
     """A pretrained classifier (``model`` = exported backbone, with ``key``) or, with ``model=None``, the
-    random-init baseline described by ``random_arch`` (``arch`` + timm kwargs)."""
+    random-init baseline described by ``random_arch`` (``arch``, ``image_size``, ``patch_size``, ``in_chans`` and
+    further timm kwargs). ``seed`` initialises the new head (pretrained) or the whole network (random init)."""
     mean, std = standardisation(split.train_images)
     if model is not None:
         if key is None:
             raise ValueError("key: fine-tuning a pretrained model needs the consortium key")
-        return pretrained_classifier(model, key, split.n_classes, mean=mean, std=std, domain=domain)
+        return pretrained_classifier(model, key, split.n_classes, mean=mean, std=std, domain=domain, seed=seed)
     if random_arch is None:
         raise ValueError("random_arch: the random-init baseline needs an architecture")
     arch = dict(random_arch)

@@ -21,9 +21,19 @@ def weighted_average(states: Sequence[dict], weights: Sequence[float]) -> dict:
     entries (e.g. BatchNorm counters) are taken from the first state."""
     if len(states) != len(weights) or not states:
         raise ValueError("states and weights must be non-empty and of equal length")
+    if any(float(w) < 0 for w in weights):
+        raise ValueError(f"weights must be >= 0, got {list(weights)}")
     total = float(sum(weights))
     if total <= 0:
         raise ValueError("weights must sum to a positive number")
+    for i, state in enumerate(states[1:], 1):
+        if state.keys() != states[0].keys():
+            raise ValueError(f"states[{i}] has other entries than states[0]: "
+                             f"{sorted(set(state) ^ set(states[0]))[:5]}")
+        for name, value in state.items():
+            if value.shape != states[0][name].shape:
+                raise ValueError(f"states[{i}][{name!r}] has shape {tuple(value.shape)}, states[0] "
+                                 f"{tuple(states[0][name].shape)}")
     averaged = {}
     for name, first in states[0].items():
         if not first.is_floating_point():
@@ -38,10 +48,21 @@ def weighted_average(states: Sequence[dict], weights: Sequence[float]) -> dict:
 
 @dataclasses.dataclass
 class FedAvgSettings:
+    """``rounds`` of FedAvg; each round ``max(1, round(client_fraction * n_clients))`` clients (drawn with ``seed``)
+    train ``local_epochs`` epochs each."""
+
     rounds: int = 20
     local_epochs: int = 1
     client_fraction: float = 1.0
     seed: int = 0
+
+    def __post_init__(self):
+        for name in ("rounds", "local_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not 0 < self.client_fraction <= 1:
+            raise ValueError(f"client_fraction must be in (0, 1], got {self.client_fraction}")
 
 
 def fedavg(model_factory: Callable[[], nn.Module], clients: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -52,6 +73,8 @@ def fedavg(model_factory: Callable[[], nn.Module], clients: Sequence[tuple[torch
     Returns the global model and the per-client communication (averaged over clients: every sampled client
     downloads the global model and uploads its update once per round it takes part in).
     """
+    if not clients:
+        raise ValueError("clients: FedAvg needs at least one client")
     if not 0 < settings.client_fraction <= 1:
         raise ValueError(f"client_fraction must be in (0, 1], got {settings.client_fraction}")
     global_model = model_factory()

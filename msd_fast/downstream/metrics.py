@@ -6,7 +6,12 @@ import torch
 
 
 def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """int64 ``[n_classes, n_classes]``: row = true class, column = predicted class."""
+    """int64 ``[n_classes, n_classes]``: row = true class, column = predicted class (``labels``/``predicted``:
+    integers ``[n]`` in ``[0, n_classes)``)."""
+    for name, values in (("labels", labels), ("predicted", predicted)):
+        if values.numel() and not 0 <= int(values.min()) <= int(values.max()) < n_classes:
+            raise ValueError(f"{name} must lie in [0, {n_classes}), got values in [{int(values.min())}, "
+                             f"{int(values.max())}]")
     flat = labels.long() * n_classes + predicted.long()
     return torch.bincount(flat, minlength=n_classes * n_classes).view(n_classes, n_classes)
 
@@ -28,6 +33,9 @@ def classification_metrics(probabilities: torch.Tensor, labels: torch.Tensor) ->
     """Metrics of ``probabilities [n, n_classes]`` against ``labels [n]``: accuracy, balanced accuracy (mean
     per-class recall over the classes present), macro AUC (mean one-vs-rest AUC over classes with both groups
     present) and the confusion matrix (a nested list)."""
+    if probabilities.dim() != 2 or labels.dim() != 1 or labels.shape[0] != probabilities.shape[0]:
+        raise ValueError(f"probabilities must be [n, n_classes] and labels [n], got {tuple(probabilities.shape)} and "
+                         f"{tuple(labels.shape)}")
     n_classes = probabilities.shape[1]
     predicted = probabilities.argmax(dim=1)
     matrix = confusion_matrix(labels, predicted, n_classes)

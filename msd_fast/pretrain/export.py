@@ -77,8 +77,13 @@ def export_backbone(checkpoint: str, out: str, *, overwrite: bool = False) -> di
 
 
 def read_export_metadata(path: str) -> dict:
-    with safe_open(path, framework="pt") as handle:
-        raw = (handle.metadata() or {}).get("msd_fast")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            raw = (handle.metadata() or {}).get("msd_fast")
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # safetensors raises its own SafetensorError (not a ValueError) for foreign files
+        raise ValueError(f"{path} is not a safetensors file (an msd_fast exported backbone): {error}") from None
     if raw is None:
         raise ValueError(f"{path} is not an msd_fast exported backbone")
     metadata = json.loads(raw)
