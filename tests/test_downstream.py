@@ -280,7 +280,7 @@ def test_a_foreign_file_is_not_an_exported_backbone(tmp_path):
 
 
 def test_finetuning_is_reproducible_and_returns_every_metric(exported_backbones, key, split):
-    recipe = Recipe(epochs=2, batch_size=16, seed=3)
+    recipe = Recipe(epochs=1, batch_size=16, seed=3)
     runs = []
     for _ in range(2):
         classifier = build_classifier(split, model=exported_backbones["image"], key=key, seed=3)
