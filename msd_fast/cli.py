@@ -42,6 +42,17 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_command(run):
+    """A client subcommand: user errors (bad data, existing files, wrong arguments) end in one clear line, exit 2."""
+    def command(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (ValueError, OSError) as error:
+            print(f"msd-fast {args.command}: error: {error}", file=sys.stderr)
+            return 2
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msd-fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -53,8 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=224, help="image side, a multiple of the patch size")
     demo.add_argument("--key", default=None, help="key file to use (default: a fresh key)")
     demo.set_defaults(run=_encrypt_demo)
+    _add_client_parsers(commands)
     _add_pretrain_parsers(commands)
     return parser
+
+
+def _add_client_parsers(commands) -> None:
+    from .client import add_encode_arguments, add_keygen_arguments, run_encode, run_keygen
+
+    keygen = commands.add_parser("keygen", help="client: write a new consortium key (prints its fingerprint only)")
+    add_keygen_arguments(keygen)
+    keygen.set_defaults(run=_client_command(run_keygen))
+    encode = commands.add_parser("encode", help="client: encrypt a dataset once into the shard to upload")
+    add_encode_arguments(encode)
+    encode.set_defaults(run=_client_command(run_encode))
 
 
 def _add_pretrain_parsers(commands) -> None:

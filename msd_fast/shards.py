@@ -95,8 +95,11 @@ class ShardMetadata:
         return self.count * int(np.prod(self.item_shape)) * np.dtype(_DTYPES[self.dtype][1]).itemsize
 
     def geometry(self) -> dict:
-        """The fields that must agree between shards trained on together (everything but count/client/checksum)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("count", "client", "checksum")}
+        """The fields that must agree between shards trained on together: everything but count, client, checksum
+        and ``encryption["sample_id_start"]`` (each client numbers its own images, so per-image orders differ)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("count", "client", "checksum")}
+        fields["encryption"] = {k: v for k, v in fields["encryption"].items() if k != "sample_id_start"}
+        return fields
 
 
 def _header_bytes(meta: ShardMetadata) -> bytes:

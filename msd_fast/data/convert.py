@@ -73,12 +73,12 @@ def to_uint8(images: np.ndarray, high_bit_depth: str, what: str, *, full_range_m
     if high_bit_depth == "full_range":  # integers only: floats reach here only when scaled per image
         info = np.iinfo(images.dtype)
         low, high = (0, full_range_max) if full_range_max is not None else (info.min, info.max)
-        scaled = (np.clip(values, low, high) - low) * (255.0 / (high - low))
+        scaled = (np.clip(values, low, high) - low) * 255.0 / (high - low)
     else:
         axes = tuple(range(1, values.ndim))
         low = values.min(axis=axes, keepdims=True) if values.size else 0.0
         span = values.max(axis=axes, keepdims=True) - low if values.size else 1.0
-        scaled = (values - low) * (255.0 / np.where(span > 0, span, 1.0))
+        scaled = (values - low) * 255.0 / np.where(span > 0, span, 1.0)
     return np.floor(scaled + 0.5).astype(np.uint8)
 
 

@@ -27,7 +27,7 @@ _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 PathLike = Union[str, os.PathLike]
 
 
-# ---- image files ------------------------------------------------------------------------------------------------------
+# ---- image files ---------------------------------------------------------------------------------------------------
 
 def decode_image(path: str, high_bit_depth: str = "per_image") -> torch.Tensor:
     """Decode one image file to uint8 ``[1, C, H, W]`` with ``C`` = 1 (gray modes) or 3 (colour; alpha dropped).
@@ -37,13 +37,13 @@ def decode_image(path: str, high_bit_depth: str = "per_image") -> torch.Tensor:
             image.load()
             mode = image.mode
             if mode in _SIXTEEN_BIT_MODES:
-                pixels = to_uint8(np.asarray(image)[None], high_bit_depth, path, full_range_max=65535)
+                pixels = to_uint8(np.array(image)[None], high_bit_depth, path, full_range_max=65535)
             elif mode == "F":
-                pixels = to_uint8(np.asarray(image)[None], "per_image", path, floats_as_high_bit_depth=True)
+                pixels = to_uint8(np.array(image)[None], "per_image", path, floats_as_high_bit_depth=True)
             elif mode in _GRAY_MODES:
-                pixels = np.asarray(image.convert("L"))[None]
+                pixels = np.array(image.convert("L"))[None]
             else:
-                pixels = np.asarray(image if mode == "RGB" else image.convert("RGB"))[None]
+                pixels = np.array(image if mode == "RGB" else image.convert("RGB"))[None]
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
         if isinstance(error, DataError):
             raise
@@ -67,7 +67,8 @@ class FileReader:
 
     def __init__(self, paths: list[str], geometry: tuple[int, int, int], size: Optional[tuple[int, int]],
                  high_bit_depth: str, root: str):
-        self.paths, self.geometry, self.size, self.high_bit_depth, self.root = paths, geometry, size, high_bit_depth, root
+        self.paths, self.geometry, self.size = paths, geometry, size
+        self.high_bit_depth, self.root = high_bit_depth, root
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -160,7 +161,7 @@ def load_folder(folder: PathLike, *, size: Size = None, channels: Optional[int] 
     return ImageSet(reader, labels, class_names)
 
 
-# ---- arrays -----------------------------------------------------------------------------------------------------------
+# ---- arrays --------------------------------------------------------------------------------------------------------
 
 def _infer_layout(shape: tuple, what: str) -> str:
     if len(shape) == 3:
@@ -198,7 +199,8 @@ class ArrayReader:
     def read(self, rows: np.ndarray) -> torch.Tensor:
         contiguous = len(rows) and rows[-1] - rows[0] == len(rows) - 1 and bool(np.all(np.diff(rows) == 1))
         block = self.array[int(rows[0]):int(rows[-1]) + 1] if contiguous else self.array[rows]
-        pixels = torch.from_numpy(np.ascontiguousarray(to_uint8(np.asarray(block), self.high_bit_depth, self.what)))
+        # a private copy: never a view of the caller's array or of a read-only memory map
+        pixels = torch.from_numpy(np.array(to_uint8(np.asarray(block), self.high_bit_depth, self.what), order="C"))
         if self.layout == "NHW":
             pixels = pixels[:, None]
         elif self.layout == "NHWC":
@@ -219,8 +221,8 @@ def from_arrays(images, labels: Optional[Indices] = None, *, class_names: Option
         images: ``[n, H, W]``, ``[n, H, W, C]`` or ``[n, C, H, W]`` (``C`` in 1, 3, 4; alpha is dropped), uint8,
             float in [0, 1], bool, or wider integers (scaled per ``high_bit_depth``, see :mod:`.convert`).
         labels: optional integer labels ``[n]`` (or ``[n, 1]``).
-        layout: ``"NHW"``, ``"NHWC"`` or ``"NCHW"``; inferred from the shape when None (an error says when the
-            shape is ambiguous).
+        layout: ``"NHW"``, ``"NHWC"`` or ``"NCHW"``; when None, 4-D torch tensors are NCHW and numpy arrays are
+            inferred from the shape (an error says when the shape is ambiguous).
         size, channels: resize to ``size`` (int or ``(H, W)``) and convert to ``channels`` (1 or 3) as batches are read.
 
     Returns:
@@ -228,6 +230,8 @@ def from_arrays(images, labels: Optional[Indices] = None, *, class_names: Option
         in-memory arrays are checked here; of memory-mapped ones as batches are read.
     """
     if isinstance(images, torch.Tensor):
+        if layout is None and images.dim() == 4:
+            layout = "NCHW"  # torch's convention
         images = images.detach().cpu().numpy()
     if not isinstance(images, np.ndarray):
         images = np.asarray(images)
@@ -312,7 +316,7 @@ def load_npz(path: PathLike, *, split: str = "train", layout: Optional[str] = No
                        description=f"{path} [{split}]")
 
 
-# ---- one entry point --------------------------------------------------------------------------------------------------
+# ---- one entry point -----------------------------------------------------------------------------------------------
 
 def load_dataset(spec, *, size: Size = None, channels: Optional[int] = None, split: str = "train", labels=None,
                  layout: Optional[str] = None, high_bit_depth: str = "per_image") -> ImageSet:

@@ -12,12 +12,12 @@ How an image is made (all coordinates in ``[-1, 1]``, so the same anatomy is dra
    ``round_lesion``          one disk, radius 0.10-0.17, sharp anti-aliased edge, brighter than tissue
    ``spiculated_lesion``     a small lobulated core (three overlapping disks) with 7-12 thin tapering spicules
    ``microcalcifications``   5-12 tiny bright dots (radius 0.02-0.035, about one pixel at 64x64) in a small cluster
-   ``diffuse_texture``       the body's texture replaced by a coarser-grained, higher-frequency one
+   ``diffuse_texture``       the body's texture replaced by a granular, higher-frequency one
    ========================  ==================================================================================
 
 3. **Histogram lock** (the fairness step): the image's pixels are re-assigned, by rank, the exact sorted values of
    its own step-1 scan (a monotone map: shapes, edges and which pixel is brighter than which are kept).
-4. Gaussian-like sensor noise (sigma 0.025; a sum of four uniforms), then rounding to uint8.
+4. Gaussian-like sensor noise (sigma 0.025; Irwin-Hall: the sum of four 16-bit uniforms), then rounding to uint8.
 
 **Why it is a fair test.** After step 3 the *multiset* of pixel values of every image is exactly that of a normal
 scan drawn from one class-independent distribution; step 4 adds i.i.d. noise per pixel, which keeps that property.
@@ -28,21 +28,19 @@ spatial structure to tell them apart, which is what pretraining is supposed to l
 checks both halves: per-image statistics stay at chance, spatial features do much better). Classes are balanced
 (counts differ by at most one) and shuffled.
 
-**Same bytes on every machine.** Randomness is PCG64's raw 64-bit stream (seeded by ``SeedSequence([seed,
-split])``), turned into uniform doubles by ``(word >> 11) * 2**-53``; NumPy guarantees that stream across versions,
-unlike ``Generator`` methods. The pixel arithmetic uses only ``+ - * /``, ``sqrt``, ``floor``, ``min``/``max``,
-sorting and indexing (IEEE-exact everywhere, no ``exp``/``sin`` whose last bit varies between math libraries), so
-the output is bit-identical across machines, NumPy versions and thread counts. Images are generated in fixed-size
-chunks, vectorised over the chunk.
+**Same bytes on every machine.** Randomness is PCG64's raw 64-bit stream (seeded by ``SeedSequence([seed, split,
+size, n_classes])``), turned into uniform doubles by ``(word >> 11) * 2**-53``; NumPy guarantees that stream across
+versions, unlike ``Generator`` methods. The pixel arithmetic (float32) uses only ``+ - * /``, ``sqrt``, ``floor``,
+``min``/``max``, sorting and indexing -- IEEE-exact everywhere, no ``exp``/``sin`` whose last bit varies between math
+libraries -- so the output is bit-identical across machines, NumPy versions and thread counts
+(``tests/test_data_synthetic.py`` pins a SHA-256). Images are generated in fixed-size chunks, vectorised per chunk.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import numpy as np
 import torch
 
-from .imageset import DataError, ImageSet
+from .imageset import ImageSet
 
 CLASS_NAMES = ("normal", "round_lesion", "spiculated_lesion", "microcalcifications", "diffuse_texture")
 SPLITS = ("train", "val", "test")
@@ -185,7 +183,8 @@ def _tissue(rand: _Uniforms, b: int, cv: _Canvas) -> tuple[np.ndarray, np.ndarra
 
 
 # Each finding draws its parameters for every image of the chunk (so the random stream does not depend on the
-# labels) and draws pixels only for the images ``sel`` that have it; it returns the additive change ``[len(sel), H, W]``.
+# labels) and draws pixels only for the images ``sel`` that have it; it returns the additive change
+# ``[len(sel), H, W]``.
 
 def _lesion_centre(rand: _Uniforms, b: int) -> tuple[np.ndarray, np.ndarray]:
     return rand.uniform(b, -0.4, 0.4), rand.uniform(b, -0.4, 0.4)
@@ -236,7 +235,8 @@ def _microcalcifications(rand, b, sel, cv, body, texture):
 
 
 def _diffuse_texture(rand, b, sel, cv, body, texture):
-    changed = (_F(0.04) * _value_noise(rand, b, 4, cv.H, cv.W, sel) + _F(0.03) * _value_noise(rand, b, 8, cv.H, cv.W, sel)
+    changed = (_F(0.04) * _value_noise(rand, b, 4, cv.H, cv.W, sel)
+               + _F(0.03) * _value_noise(rand, b, 8, cv.H, cv.W, sel)
                + _F(0.08) * _value_noise(rand, b, 32, cv.H, cv.W, sel))
     return changed - texture[sel]
 
