@@ -17,7 +17,8 @@ def assign(cost: torch.Tensor, *, refine: bool = True, max_swaps: int | None = N
         cost: float ``[B, n, n]`` (or ``[n, n]``); ``inf`` forbids a pair (a row whose entries are all ``inf`` still
             gets some free column).
         refine: improve the greedy assignment by pairwise swaps until none lowers the cost.
-        max_swaps: cap on swap rounds (default ``4 n``).
+        max_swaps: cap on swap rounds (default ``4 n``); each round applies every improving swap whose two rows
+            pick each other as best partner (disjoint pairs), or else the single best swap.
 
     Returns:
         int64 ``[B, n]`` (or ``[n]``): ``result[b, i]`` is the column given to row ``i``; every row of the result is a
@@ -50,20 +51,31 @@ def assign(cost: torch.Tensor, *, refine: bool = True, max_swaps: int | None = N
     return result[0] if single else result
 
 
-def _swap_refine(cost: torch.Tensor, result: torch.Tensor, max_swaps: int) -> torch.Tensor:
+def _swap_refine(cost: torch.Tensor, result: torch.Tensor, max_rounds: int) -> torch.Tensor:
     B, n, _ = cost.shape
-    rows = torch.arange(B)
-    for _ in range(max_swaps):
+    rows = torch.arange(n)
+    for _ in range(max_rounds):
         current = torch.gather(cost, 2, result[:, :, None])[:, :, 0]            # [B, n]: cost[i, a_i]
         crossed = torch.gather(cost, 2, result[:, None, :].expand(B, n, n))    # [B, n, n]: cost[i, a_j]
         delta = crossed + crossed.transpose(1, 2) - current[:, :, None] - current[:, None, :]
-        best = delta.view(B, n * n).min(1)
-        improving = best.values < -1e-9 * (1.0 + current.abs().sum(1))
-        if not bool(improving.any()):
-            break
-        i, j = best.indices // n, best.indices % n
-        b = rows[improving]
-        i, j = i[improving], j[improving]
+        tolerance = 1e-9 * (1.0 + current.abs().sum(1))[:, None]
+        best = delta.min(2)
+        partner = best.indices                                                 # [B, n]: each row's best swap
+        # Apply every improving swap whose two rows choose each other (disjoint pairs), all at once.
+        mutual = (torch.gather(partner, 1, partner) == rows) & (best.values < -tolerance) & (partner > rows)
+        if not bool(mutual.any()):
+            flat = delta.view(B, n * n).min(1)
+            mutual = torch.zeros(B, n, dtype=torch.bool)
+            improving = flat.values < -tolerance[:, 0]
+            if not bool(improving.any()):
+                break
+            first, second = flat.indices // n, flat.indices % n
+            partner = partner.clone()
+            b = torch.arange(B)[improving]
+            partner[b, first[improving]] = second[improving]
+            mutual[b, first[improving]] = True
+        b, i = mutual.nonzero(as_tuple=True)
+        j = partner[b, i]
         ai, aj = result[b, i].clone(), result[b, j].clone()
         result[b, i], result[b, j] = aj, ai
     return result

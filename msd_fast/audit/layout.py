@@ -4,7 +4,8 @@ Pixels of natural and medical images are correlated, and the correlation falls o
 correlation matrix of ``M`` anonymous items (the shuffled value positions of a block, or the clusters of tokens that
 share a position), an attacker can lay them out on their ``rows x cols`` grid:
 
-1. turn correlations into distances ``sqrt(2 - 2 r)`` and keep each item's nearest neighbours (a k-NN graph);
+1. turn correlations into distances ``sqrt(2 - 2 r)`` and keep each item's nearest neighbours (a k-NN graph; a few
+   k are tried and the best final layout kept);
 2. geodesic distances on that graph (Floyd-Warshall) and classical multidimensional scaling to 2-D (Isomap), which
    unrolls the grid up to a rotation and reflection;
 3. sweep the rotation, snap the points to the grid by rank (rows by one coordinate, then columns by the other) and
@@ -47,10 +48,13 @@ def _isomap_2d(corr: torch.Tensor, neighbours: int) -> torch.Tensor:
     nearest = dist.masked_fill(torch.eye(M, dtype=torch.bool), math.inf).topk(k, dim=1, largest=False).indices
     rows = torch.arange(M)[:, None].expand(M, k)
     graph[rows, nearest] = dist[rows, nearest]
-    graph = torch.minimum(graph, graph.T)
+    graph = torch.minimum(graph, graph.T).float()  # float32 path lengths are plenty for a layout
     graph.fill_diagonal_(0.0)
+    step = torch.empty_like(graph)
     for via in range(M):  # Floyd-Warshall, one vectorised relaxation per intermediate node
-        graph = torch.minimum(graph, graph[:, via, None] + graph[None, via, :])
+        torch.add(graph[:, via, None], graph[None, via, :], out=step)
+        torch.minimum(graph, step, out=graph)
+    graph = graph.double()
     finite = torch.isfinite(graph)
     if not bool(finite.all()):  # a disconnected graph: place the components far apart rather than fail
         graph = torch.where(finite, graph, graph[finite].max() * 2.0)
@@ -87,7 +91,8 @@ def recover_grid_layout(similarity: torch.Tensor, rows: int, cols: int, *, capac
         similarity: float ``[M, M]``, a covariance or correlation matrix (larger = closer).
         rows, cols: the grid.
         capacity: items per cell.
-        neighbours: k of the k-NN graph (default ``8 * capacity``: the 8 surrounding pixels).
+        neighbours: k of the k-NN graph; by default ``(8, 12, 16, 24) * capacity`` are tried and the layout with
+            the largest neighbour correlation (before swaps) is kept.
         angles: rotations tried in the sweep over 180 degrees.
         max_swaps: cap on improving swaps (default ``20 * M``).
 
@@ -107,13 +112,19 @@ def recover_grid_layout(similarity: torch.Tensor, rows: int, cols: int, *, capac
         return torch.zeros(M, dtype=torch.int64)
     corr = _correlation(similarity)
     corr_off = corr.masked_fill(torch.eye(M, dtype=torch.bool), 0.0)
-    coords = _isomap_2d(corr, neighbours or 8 * capacity)
     theta = torch.arange(angles, dtype=torch.float64) * (math.pi / angles)
     rotation = torch.stack([torch.stack([theta.cos(), -theta.sin()], -1), torch.stack([theta.sin(), theta.cos()], -1)],
                            -2)                                                  # [A, 2, 2]
-    candidates = _snap(torch.einsum("mk,akl->aml", coords, rotation), rows, cols, capacity)
-    best = candidates[layout_score(corr_off, candidates, adjacency).argmax()]
-    best = _affine_snap(coords, best.clone(), rows, cols, capacity)
+    best, best_score = None, -math.inf
+    tries = (neighbours,) if neighbours is not None else tuple(k * capacity for k in (8, 12, 16, 24))
+    for k in dict.fromkeys(min(k, M - 1) for k in tries):
+        coords = _isomap_2d(corr, k)
+        candidates = _snap(torch.einsum("mk,akl->aml", coords, rotation), rows, cols, capacity)
+        cells = _affine_snap(coords, candidates[layout_score(corr_off, candidates, adjacency).argmax()].clone(),
+                             rows, cols, capacity)
+        score = float(layout_score(corr_off, cells[None], adjacency)[0])
+        if score > best_score:
+            best, best_score = cells, score
     return _swap_improve(corr_off, best, adjacency, max_swaps if max_swaps is not None else 20 * M)
 
 
