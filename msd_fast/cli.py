@@ -66,7 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_encrypt_demo)
     _add_client_parsers(commands)
     _add_pretrain_parsers(commands)
+    _add_audit_parser(commands)
     return parser
+
+
+def _add_audit_parser(commands) -> None:
+    from .audit.report import add_audit_arguments, run_audit_command
+
+    audit = commands.add_parser("audit", help="play the honest-but-curious server: attack encrypted data, report "
+                                              "what it recovers next to chance (markdown, PNG, JSON)")
+    add_audit_arguments(audit)
+    audit.set_defaults(run=_client_command(run_audit_command))
 
 
 def _add_client_parsers(commands) -> None:

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from ..ops.patch_encryption import image_to_blocks, make_tables, negpos_reference, permute_patches
+from .assignment import single_thread
 from .layout import recover_grid_layout
 
 METHODS = ("ssd", "mgc")
@@ -87,7 +88,8 @@ def estimate_negpos_mask(values: torch.Tensor) -> torch.Tensor:
     x = x - x.mean(0)
     std = x.pow(2).mean(0).sqrt().clamp(min=1e-12)
     corr = (x.T @ x) / x.shape[0] / std[:, None] / std[None, :]
-    leading = torch.linalg.eigh(corr).eigenvectors[:, -1]
+    with single_thread():
+        leading = torch.linalg.eigh(corr).eigenvectors[:, -1]
     negative = leading < 0
     return negative if int(negative.sum()) * 2 <= negative.numel() else ~negative
 

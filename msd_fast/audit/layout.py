@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .assignment import assign
+from .assignment import assign, single_thread
 
 
 def grid_adjacency(rows: int, cols: int) -> torch.Tensor:
@@ -107,6 +107,13 @@ def recover_grid_layout(similarity: torch.Tensor, rows: int, cols: int, *, capac
     M = similarity.shape[0]
     if M != rows * cols * capacity:
         raise ValueError(f"similarity is {M}x{M} but rows * cols * capacity = {rows * cols * capacity}")
+    with single_thread():
+        return _recover(similarity, rows, cols, capacity, neighbours, angles, max_swaps)
+
+
+def _recover(similarity: torch.Tensor, rows: int, cols: int, capacity: int, neighbours: int | None, angles: int,
+             max_swaps: int | None) -> torch.Tensor:
+    M = similarity.shape[0]
     adjacency = grid_adjacency(rows, cols).double()
     if M == capacity:
         return torch.zeros(M, dtype=torch.int64)
