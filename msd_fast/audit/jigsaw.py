@@ -58,10 +58,12 @@ class JigsawResult:
     cost: torch.Tensor
 
 
-def _check_images(images: object, name: str, patch_size: int) -> torch.Tensor:
+def check_images(images: object, name: str, patch_size: int) -> torch.Tensor:
+    """Check that ``images`` is a non-empty uint8 ``[B, C, H, W]`` tensor whose height and width ``patch_size``
+    divides; raises ``ValueError`` naming ``name``."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.dtype != torch.uint8:
-        raise ValueError(f"{name} must be a uint8 [B, C, H, W] tensor, got "
-                         f"{(images.dtype, tuple(images.shape)) if isinstance(images, torch.Tensor) else type(images).__name__}")
+        got = (images.dtype, tuple(images.shape)) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{name} must be a uint8 [B, C, H, W] tensor, got {got}")
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
     if images.shape[2] % patch_size or images.shape[3] % patch_size:
@@ -379,7 +381,7 @@ def jigsaw_attack(received: torch.Tensor, patch_size: int, *, pixel_shuffle: boo
         :class:`JigsawResult` (the reassembly is up to a symmetry of the image grid when ``pixel_shuffle``, and up to a
         global polarity when ``negpos``).
     """
-    received = _check_images(received, "received", patch_size)
+    received = check_images(received, "received", patch_size)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     B, C, H, W = received.shape

@@ -28,7 +28,7 @@ import torch
 
 from ..ops.patch_encryption import image_to_blocks, negpos_reference
 from .assignment import assign
-from .jigsaw import _check_images, apply_tables
+from .jigsaw import apply_tables, check_images
 
 
 @dataclasses.dataclass
@@ -51,7 +51,7 @@ class RecoveredTables:
     def decrypt(self, encrypted: torch.Tensor, patch_size: int, max_value: float = 255.0) -> torch.Tensor:
         """Apply the inverse of the recovered tables to other encrypted images (uint8 ``[B, C, H, W]``) with the
         fused patch kernel. With per-sample keys only the pixel tables are inverted and blocks stay where they are."""
-        encrypted = _check_images(encrypted, "encrypted", patch_size)
+        encrypted = check_images(encrypted, "encrypted", patch_size)
         N = self.pair_src_block.shape[1]
         inverse_elem = torch.argsort(self.src_elem)
         blocks = torch.argsort(self.src_block) if self.src_block is not None else torch.arange(N)
@@ -101,8 +101,8 @@ def recover_key_tables(plain: torch.Tensor, encrypted: torch.Tensor, patch_size:
     Returns:
         :class:`RecoveredTables`.
     """
-    plain = _check_images(plain, "plain", patch_size)
-    encrypted = _check_images(encrypted, "encrypted", patch_size)
+    plain = check_images(plain, "plain", patch_size)
+    encrypted = check_images(encrypted, "encrypted", patch_size)
     if plain.shape != encrypted.shape:
         raise ValueError(f"plain {tuple(plain.shape)} and encrypted {tuple(encrypted.shape)} must have the same shape")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:

@@ -7,7 +7,6 @@ attacker put there, so a perfect reassembly is ``arange(rows * cols).view(rows, 
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -131,8 +130,3 @@ def chance_neighbour_accuracy(rows: int, cols: int) -> float:
 def chance_position_accuracy(n_positions: int) -> float:
     """Expected fraction of tokens given their right position by a uniformly random guess: ``1 / N``."""
     return 1.0 / n_positions
-
-
-def mean_finite(values: torch.Tensor) -> float:
-    """Mean of a float tensor as a Python float (NaN for an empty tensor)."""
-    return float(values.double().mean()) if values.numel() else math.nan

@@ -21,7 +21,6 @@ import itertools
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from typing import Callable, Optional, Sequence
@@ -33,10 +32,10 @@ from ..ops.patch_encryption import blocks_to_image, encrypt_patches, image_to_bl
 from ..ops.token_permutation import permute_tokens
 from ..token_embedding import INPUT_SCALE, TokenEmbedder
 from .assignment import assign, single_thread
-from .jigsaw import JigsawResult, _check_images, invert_polarity, jigsaw_attack
+from .jigsaw import JigsawResult, check_images, invert_polarity, jigsaw_attack
 from .known_plaintext import recover_key_tables
 from .metrics import (DIHEDRAL, chance_direct_accuracy, chance_neighbour_accuracy, chance_position_accuracy,
-                      direct_accuracy, neighbour_accuracy, psnr, ssim, symmetries)
+                      direct_accuracy, neighbour_accuracy, ssim, symmetries)
 from .token_attacks import (cluster_layout, cluster_token_positions, fit_token_inversion, label_clusters,
                             patch_prior, public_embedder_attack, symmetric_positions)
 
@@ -96,6 +95,15 @@ def _write_atomic(path: str, write: Callable[[str], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _text_writer(text: str) -> Callable[[str], None]:
+    def write(path: str) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return write
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -188,7 +196,8 @@ class AuditReport:
     figure: list = dataclasses.field(default_factory=list, repr=False)
 
     def __repr__(self) -> str:
-        return (f"AuditReport(key_fingerprint='{self.setup.get('key_fingerprint')}', images={self.setup.get('images')}, "
+        return (f"AuditReport(key_fingerprint='{self.setup.get('key_fingerprint')}', "
+                f"images={self.setup.get('images')}, "
                 f"jigsaw={len(self.jigsaw)} rows, known_plaintext={len(self.known_plaintext)} rows, "
                 f"tokens={len(self.tokens)} rows)")
 
@@ -287,10 +296,8 @@ class AuditReport:
         returns their paths."""
         os.makedirs(out_dir, exist_ok=True)
         paths = {name: os.path.join(out_dir, name) for name in FILES}
-        text = self.to_markdown("audit.png" if self.figure else None)
-        _write_atomic(paths["audit.md"], lambda tmp: open(tmp, "w", encoding="utf-8").write(text))
-        payload = json.dumps(self.to_dict(), indent=1, sort_keys=True)
-        _write_atomic(paths["audit.json"], lambda tmp: open(tmp, "w", encoding="utf-8").write(payload))
+        _write_atomic(paths["audit.md"], _text_writer(self.to_markdown("audit.png" if self.figure else None)))
+        _write_atomic(paths["audit.json"], _text_writer(json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"))
         if self.figure:
             _write_atomic(paths["audit.png"], lambda tmp: save_figure(tmp, self.figure))
         else:
@@ -454,7 +461,7 @@ def run_audit(images: torch.Tensor, key: Key, *, patch_size: int = 16, known_pai
 
 def _audit(images, key, *, patch_size, known_pairs, token_dims, method, max_heldout, figure_rows, data_description,
            shard, log) -> AuditReport:
-    images = _check_images(images, "images", patch_size if shard is None else shard.metadata.patch_size)
+    images = check_images(images, "images", patch_size if shard is None else shard.metadata.patch_size)
     require_key(key)
     log = log or (lambda line: None)
     known_pairs = sorted({int(k) for k in known_pairs})
@@ -473,7 +480,8 @@ def _audit(images, key, *, patch_size, known_pairs, token_dims, method, max_held
                              f"({key.fingerprint})")
         if meta.count > B or tuple(meta.image_size) != (H, W) or meta.channels != C:
             raise ValueError(f"shard holds {meta.count} items of {meta.channels}x{meta.image_size[0]}x"
-                             f"{meta.image_size[1]} but images are {B} of {C}x{H}x{W}: pass the data it was encoded from")
+                             f"{meta.image_size[1]} but images are {B} of {C}x{H}x{W}: pass the data it was "
+                             "encoded from")
         patch_size = meta.patch_size
         sample_id_start = int(meta.encryption.get("sample_id_start", 0))
         images = images[:meta.count]

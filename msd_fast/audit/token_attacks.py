@@ -35,8 +35,8 @@ _RIDGE_REL = 1e-6  # noise floor of the Gaussian classifier, relative to the mea
 
 def _check_tokens(tokens: object, name: str = "tokens") -> torch.Tensor:
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3 or not tokens.dtype.is_floating_point:
-        raise ValueError(f"{name} must be a float [B, N, D] tensor, got "
-                         f"{(tokens.dtype, tuple(tokens.shape)) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+        got = (tokens.dtype, tuple(tokens.shape)) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"{name} must be a float [B, N, D] tensor, got {got}")
     if tokens.shape[0] < 1 or tokens.shape[1] < 1:
         raise ValueError(f"{name} must hold at least one image and one token")
     return tokens
@@ -213,10 +213,5 @@ def symmetric_positions(cells: torch.Tensor, rows: int, cols: int, symmetry) -> 
     return torch.argsort(moved)[cells]
 
 
-def mean_patch_baseline(prior_mean: torch.Tensor, shape: tuple) -> torch.Tensor:
-    """The attacker's guess without any attack: the prior mean patch for every token, ``[*shape, L]``."""
-    return prior_mean.double().expand(*shape, prior_mean.shape[0]).clone()
-
-
 __all__ = ["TokenAttackResult", "TokenInversion", "cluster_layout", "cluster_token_positions", "fit_token_inversion",
-           "label_clusters", "mean_patch_baseline", "patch_prior", "public_embedder_attack", "symmetric_positions"]
+           "label_clusters", "patch_prior", "public_embedder_attack", "symmetric_positions"]
