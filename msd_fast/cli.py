@@ -66,8 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_encrypt_demo)
     _add_client_parsers(commands)
     _add_pretrain_parsers(commands)
+    _add_demo_parser(commands)
     _add_audit_parser(commands)
     return parser
+
+
+def _add_demo_parser(commands) -> None:
+    from .demo import add_demo_arguments, run_demo_command
+
+    demo = commands.add_parser("demo", help="the whole pipeline and both baselines on simulated clients, with a "
+                                            "report (the main command)")
+    add_demo_arguments(demo)
+    demo.set_defaults(run=run_demo_command)
 
 
 def _add_audit_parser(commands) -> None:

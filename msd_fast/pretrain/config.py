@@ -8,9 +8,10 @@ a faster teacher momentum for runs of hundreds rather than hundreds of thousands
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
+
+from ..flags import add_dataclass_arguments, dataclass_from_args
 
 
 def _f(default, help: str, **extra):
@@ -85,19 +86,8 @@ class PretrainConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per :class:`PretrainConfig` field (``--snake-case``; booleans get ``--x/--no-x``)."""
-    for f in dataclasses.fields(PretrainConfig):
-        extra = dict(f.metadata)
-        help_text = extra.pop("help")
-        if extra.pop("positional", False):
-            parser.add_argument(f.name, nargs="+", help=help_text)
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-            continue
-        kind = {"int": int, "float": float, "str": str, "Optional[int]": int}[str(f.type)]
-        parser.add_argument(flag, type=kind, default=f.default, help=f"{help_text} (default: {f.default})", **extra)
+    add_dataclass_arguments(parser, PretrainConfig)
 
 
 def from_args(args: argparse.Namespace) -> PretrainConfig:
-    return PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
+    return dataclass_from_args(PretrainConfig, args)
