@@ -629,8 +629,8 @@ QUICK = dict(images=32, known_pairs=[1, 4], token_dims=[48], max_heldout=16, fig
 
 
 def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--key", default=None, help="the consortium key file (default: a fresh key; the numbers do "
-                                                    "not depend on which key)")
+    parser.add_argument("--key", default=None, help="the consortium key file (default: a fresh key; the attacks "
+                                                    "never use it, it only encrypts and scores)")
     parser.add_argument("--data", default="synthetic:256",
                         help="the plain images: 'synthetic[:N]', an image folder, a .npz or a .npy "
                              "(default synthetic:256)")
