@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain_parsers(commands)
     _add_downstream_parsers(commands)
     _add_demo_parser(commands)
+    _add_audit_parser(commands)
     return parser
 
 
@@ -78,6 +79,15 @@ def _add_demo_parser(commands) -> None:
                                             "report (the main command)")
     add_demo_arguments(demo)
     demo.set_defaults(run=run_demo_command)
+
+
+def _add_audit_parser(commands) -> None:
+    from .audit.report import add_audit_arguments, run_audit_command
+
+    audit = commands.add_parser("audit", help="play the honest-but-curious server: attack encrypted data, report "
+                                              "what it recovers next to chance (markdown, PNG, JSON)")
+    add_audit_arguments(audit)
+    audit.set_defaults(run=_client_command(run_audit_command))
 
 
 def _add_client_parsers(commands) -> None:

@@ -73,12 +73,26 @@ def key_tables(key: Key, n_blocks: int, n_values: int, *, block_scramble: bool, 
     return make_tables(blocks, values, flip, n_blocks, n_values)
 
 
+def image_to_blocks(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``[B, C, H, W] -> [B, N, C*p*p]``: blocks in row-major order, values in ``(c, u, v)`` order (a view when
+    possible). ``patch_size`` must divide ``H`` and ``W``."""
+    B, C, H, W = x.shape
+    p = patch_size
+    return x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def blocks_to_image(blocks: torch.Tensor, channels: int, height: int, width: int, patch_size: int) -> torch.Tensor:
+    """Inverse of :func:`image_to_blocks`: ``[B, N, C*p*p] -> [B, C, H, W]`` (contiguous)."""
+    B, p = blocks.shape[0], patch_size
+    gh, gw = height // p, width // p
+    return blocks.reshape(B, gh, gw, channels, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, channels, height, width
+                                                                                       ).contiguous()
+
+
 def permute_patches_reference(x: torch.Tensor, tables: PatchTables, patch_size: int, max_value: float) -> torch.Tensor:
     """Eager PyTorch reference (reshape + index + where); differentiable; the ground truth of every backend."""
     B, C, H, W = x.shape
-    p = patch_size
-    gh, gw = H // p, W // p
-    blocks = x.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * p * p)
+    blocks = image_to_blocks(x, patch_size)
     src_block = tables.src_block.to(x.device)
     if src_block.dim() == 1:
         blocks = blocks[:, src_block]
@@ -87,7 +101,7 @@ def permute_patches_reference(x: torch.Tensor, tables: PatchTables, patch_size: 
     blocks = blocks[:, :, tables.src_elem.to(x.device)]
     if tables.flip is not None:
         blocks = torch.where(tables.flip.to(x.device).bool(), negpos_reference(blocks, max_value), blocks)
-    return blocks.reshape(B, gh, gw, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W).contiguous()
+    return blocks_to_image(blocks, C, H, W, patch_size)
 
 
 def negpos_reference(values: torch.Tensor, max_value: float) -> torch.Tensor:
