@@ -26,9 +26,10 @@ def _images(shape, dtype):
     return torch.rand(shape, dtype=dtype, device=DEVICE)
 
 
-def make_step(shape: tuple, dtype: torch.dtype, direction: str, provider: str, group: str = ""):
-    """One encrypt/decrypt call of ``[B, C, H, W]`` images by ``provider`` (not synchronised, warmed up), and the
-    bytes it moves. ``group`` names the benchmark in a compile failure."""
+def make_step(shape: tuple, dtype: torch.dtype, direction: str, provider: str, group: str = "",
+              options: dict = OPTIONS):
+    """One encrypt/decrypt call of ``[B, C, H, W]`` images by ``provider`` with the transforms ``options`` (not
+    synchronised, warmed up), and the bytes it moves. ``group`` names the benchmark in a compile failure."""
     x = _images(shape, dtype)
     bytes_moved = 2 * x.numel() * x.element_size()
     if provider == "copy":
@@ -36,13 +37,13 @@ def make_step(shape: tuple, dtype: torch.dtype, direction: str, provider: str, g
     if provider == "compile":  # the bare reference with the key's tables: what a user would write and compile
         B, C, H, W = shape
         tables = key_tables(KEY, (H // PATCH) * (W // PATCH), C * PATCH * PATCH, sample_ids=None,
-                            decrypt=direction == "decrypt", **OPTIONS).to(x.device)
+                            decrypt=direction == "decrypt", **options).to(x.device)
         max_value = resolve_max_value(None, x.dtype)
         compiled = compile_reference(permute_patches_reference, lambda fn: fn(x, tables, PATCH, max_value), group)
         return (lambda: compiled(x, tables, PATCH, max_value)), bytes_moved
     op = encrypt_patches if direction == "encrypt" else decrypt_patches
-    op(x, KEY, PATCH, backend=provider, **OPTIONS)  # warm the key's table cache (and Triton's JIT)
-    return (lambda: op(x, KEY, PATCH, backend=provider, **OPTIONS)), bytes_moved
+    op(x, KEY, PATCH, backend=provider, **options)  # warm the key's table cache (and Triton's JIT)
+    return (lambda: op(x, KEY, PATCH, backend=provider, **options)), bytes_moved
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
