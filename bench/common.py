@@ -72,8 +72,8 @@ def compile_reference(fn: Callable, warm_up: Callable[[Callable], object], group
     """``torch.compile(fn, fullgraph=True, dynamic=False)``, compiled now by ``warm_up(compiled)``.
 
     A reference that does not compile is recorded in :data:`COMPILE_FAILURES` under its benchmark ``group`` (the
-    report marks it) and the test is skipped with the reason. Dynamo's caches are reset first, so earlier parametrisations never push this one past
-    the recompile limit (past it, dynamo would silently run eager code).
+    report marks it) and the test is skipped with the reason. Dynamo's caches are reset first, so earlier
+    parametrisations never push this one past the recompile limit (past it, dynamo would silently run eager code).
     """
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, dynamic=False)

@@ -99,7 +99,7 @@ def device_profile(step: Callable, calls: int) -> dict:
     """GPU: device time, kernel count and top kernels per call (torch.profiler), and syncs per call."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             step()
         torch.cuda.synchronize()
