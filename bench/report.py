@@ -214,6 +214,37 @@ def memory_bound_table(run: Run) -> list:
                    "vs compile", "copy of same bytes", "fraction of copy bandwidth"], rows)
 
 
+def scaling_table(run: Run) -> list:
+    """Two-point fit ``time = fixed + marginal * copy time`` over the two shapes of each (op, mode, dtype, backend) of
+    the memory-bound groups whose copies differ at least 2x: the per-call cost that does not grow with the data
+    (launches, host work, latency chains) and the kernels' bandwidth on additional bytes, as a fraction of the
+    copy's."""
+    series: dict = {}
+    for group, providers in sorted(_by_group(run.records).items()):
+        if "copy" not in providers:
+            continue
+        op, mode, shape, dtype, _ = group
+        for name in OURS:
+            if name in providers:
+                series.setdefault((op, mode, dtype, name), []).append(
+                    (shape, providers[name].median, providers["copy"].median))
+    rows = []
+    for (op, mode, dtype, name), points in series.items():
+        if len(points) != 2:
+            continue
+        (shape1, t1, c1), (shape2, t2, c2) = sorted(points, key=lambda point: point[2])
+        if c2 < 2 * c1:  # the shapes' copies differ too little for a fit to say anything
+            continue
+        slope = (t2 - t1) / (c2 - c1)
+        fixed = t1 - slope * c1
+        rows.append([f"{op} {mode.replace('_', '+')}", dtype, f"`{name}`", f"{shape1} -> {shape2}",
+                     f"{format_time(t1)} -> {format_time(t2)}", f"{format_time(c1)} -> {format_time(c2)}",
+                     format_time(fixed) if fixed > 0 else "n/a (noise)",
+                     format_fraction(1 / slope) if slope > 0 else "n/a (noise)"])
+    return _table(["op", "dtype", "backend", "shapes", "median", "copy", "fixed cost per step",
+                   "marginal fraction of copy bandwidth"], rows)
+
+
 def _memory_cell(record: Optional[Record]) -> str:
     if record is None or record.peak_extra_bytes is None or not record.logits_bytes:
         return "--"
@@ -276,6 +307,10 @@ def markdown(run: Run, profile: Optional[dict] = None) -> str:
         ("Memory-bound kernels (encryption, masked gather)",
          "Median time of our backend, the eager PyTorch reference, `torch.compile` of the reference and a plain "
          "copy of the same bytes; fraction of copy bandwidth = copy time / backend time.", memory_bound_table(run)),
+        ("How the time scales with the data",
+         "A fixed cost that does not grow with the bytes moved (host work, launches, syncs, serial latency) vs the "
+         "kernels' bandwidth on the extra bytes of the larger shape: a two-point fit per op, dtype and backend; "
+         "noisy when the two times are close.", scaling_table(run)),
         ("DINO loss (forward + backward)",
          "Peak extra memory: one step's peak allocation beyond the inputs, as a multiple of the student logits "
          "(the returned gradient alone is 1.0x).", loss_table(run)),

@@ -97,3 +97,14 @@ def test_report_reads_the_first_gpu_runs_schema(tmp_path):
     assert "| 200 us | 400 us | 2.00x | not run | -- | 50 us | 25 % |" in row
     both = report.load_runs([str(path), str(legacy_path)])
     assert len(both.records) == 14 and both.machine["cpu_model"] == "AMD EPYC"
+
+
+def test_scaling_fit_separates_fixed_cost_from_bandwidth():
+    def gather(shape, provider, median):
+        return report.Record("masked_gather", "forward", shape, "float32", provider, "cuda", median)
+    records = [gather("small", "cuda", 200e-6), gather("small", "copy", 50e-6),
+               gather("large", "cuda", 800e-6), gather("large", "copy", 350e-6)]
+    text = report.markdown(report.Run(records, {"gpu": "H100"}, "2026-11-27"))
+    (row,) = _row(text, "small -> large")
+    # 600 us more for 300 us more copy: half the copy's bandwidth on extra bytes, 100 us per step that never scales.
+    assert "| 100 us | 50 % |" in row
