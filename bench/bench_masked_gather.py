@@ -60,21 +60,24 @@ def make_step(shape: tuple, dtype: torch.dtype, mode: str, provider: str, group:
                 target.copy_(source)
         return copy_step, bytes_moved
 
-    if provider == "compile":
-        def gather_views(tokens, pos, prefix, *views):
-            return [masked_gather_reference(tokens, idx, pos, prefix) for idx in views]
-        run = compile_reference(gather_views, lambda fn: fn(tokens, pos, prefix, *views), group)
-    else:
-        def run(tokens, pos, prefix, *views):
-            return [masked_gather(tokens, idx, pos=pos, prefix=prefix, backend=provider) for idx in views]
-
-    def step():
+    def step_with(run):
         outs = run(tokens, pos, prefix, *views)
         if needs_grad:
             torch.autograd.backward(outs, grads)
             for tensor in (tokens, pos, prefix):
                 tensor.grad = None
-    step()  # warm-up: Triton compilation, the compiled backward, allocator
+
+    if provider == "compile":
+        def gather_views(tokens, pos, prefix, *views):
+            return [masked_gather_reference(tokens, idx, pos, prefix) for idx in views]
+        run = compile_reference(gather_views, step_with, group)  # compiles the backward too
+    else:
+        def run(tokens, pos, prefix, *views):
+            return [masked_gather(tokens, idx, pos=pos, prefix=prefix, backend=provider) for idx in views]
+
+    def step():
+        step_with(run)
+    step()  # warm-up: Triton compilation, allocator
     return step, bytes_moved
 
 
