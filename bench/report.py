@@ -301,6 +301,17 @@ def profile_table(profile: dict) -> list:
                    "host us/call at a tiny shape"], rows)
 
 
+def top_kernels(profile: dict) -> list:
+    """One line per profiled row of our backends: its longest device kernels (us per call, launches per call)."""
+    lines = []
+    for row in profile.get("rows", []):
+        if row["provider"] in OURS and row.get("top_kernels"):
+            kernels = "; ".join(f"`{name}` {us:.0f} us x{count:g}" for name, us, count in row["top_kernels"][:4])
+            lines.append(f"- {row['op']} {row['mode'].replace('_', '+')} {row['shape']} {row['dtype']} "
+                         f"`{row['provider']}`: {kernels}")
+    return (["Longest device kernels per call:", ""] + lines + [""]) if lines else []
+
+
 def markdown(run: Run, profile: Optional[dict] = None) -> str:
     lines = ["# msd_fast benchmark report", "", machine_line(run), ""]
     sections = [
@@ -325,7 +336,7 @@ def markdown(run: Run, profile: Optional[dict] = None) -> str:
                   "Wall time per call with a synchronisation after each call, back-to-back (one synchronisation "
                   "after all calls: the host's cost when it cannot hide behind the device), the device kernels' own "
                   "time per call, and the wall time per call at a tiny shape (pure per-call host overhead).", ""]
-        lines += profile_table(profile) + [""]
+        lines += profile_table(profile) + [""] + top_kernels(profile)
     if run.compile_failures:
         lines += ["## References that do not compile", ""]
         lines += [f"- {group}: {error}" for group, error in sorted(run.compile_failures.items())] + [""]

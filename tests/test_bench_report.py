@@ -108,3 +108,17 @@ def test_scaling_fit_separates_fixed_cost_from_bandwidth():
     (row,) = _row(text, "small -> large")
     # 600 us more for 300 us more copy: half the copy's bandwidth on extra bytes, 100 us per step that never scales.
     assert "| 100 us | 50 % |" in row
+
+
+def test_profile_section_lists_device_time_syncs_and_kernels(tmp_path):
+    path, _ = _write_run(tmp_path)
+    profile = {"rows": [{"op": "masked_gather", "mode": "forward_backward", "shape": "vit_s16", "dtype": "float32",
+                         "provider": "cuda", "wall_sync_us": 1280.0, "wall_async_us": 1100.0, "device_us": 900.0,
+                         "kernels_per_call": 12.0, "syncs_per_call": 2.0, "kernel_copy_fraction": 0.1,
+                         "tiny_wall_async_us": 150.0, "top_kernels": [["masked_gather_backward_kernel", 600.0, 2.0]]}]}
+    (tmp_path / "profile.json").write_text(json.dumps(profile))
+    report.main([str(path), "--profile", str(tmp_path / "profile.json"), "--out", str(tmp_path), "--no-png"])
+    text = (tmp_path / "report.md").read_text()
+    (row,) = _row(text, "masked_gather forward+backward", "vit_s16", "`cuda`")
+    assert "| 1280 | 1100 | 900 | 12.0 | 2.0 | 10 % | 150 |" in row
+    assert "`masked_gather_backward_kernel` 600 us x2" in text
