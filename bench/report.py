@@ -115,12 +115,17 @@ def _legacy_machine(document: dict) -> dict:
 
 
 def load_runs(paths: Iterable[str]) -> Run:
-    """Read and merge pytest-benchmark JSON files (the machine and date are the first file's)."""
+    """Read and merge pytest-benchmark JSON files (the machine and date are the first readable file's); unreadable
+    or empty files (a run cut short) are skipped with a message."""
     records, failures, sources = [], {}, []
     machine, date = None, ""
     for path in paths:
-        with open(path) as handle:
-            document = json.load(handle)
+        try:
+            with open(path) as handle:
+                document = json.load(handle)
+        except (OSError, ValueError) as error:  # e.g. the empty file of a run cut short by a timeout
+            print(f"skipping {path}: {type(error).__name__}: {error}", file=sys.stderr)
+            continue
         sources.append(document)
         records += [r for r in map(record_from_benchmark, document.get("benchmarks", [])) if r is not None]
         for failure in document.get("msd_fast", {}).get("compile_failures", []):

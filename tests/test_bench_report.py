@@ -122,3 +122,10 @@ def test_profile_section_lists_device_time_syncs_and_kernels(tmp_path):
     (row,) = _row(text, "masked_gather forward+backward", "vit_s16", "`cuda`")
     assert "| 1280 | 1100 | 900 | 12.0 | 2.0 | 10 % | 150 |" in row
     assert "`masked_gather_backward_kernel` 600 us x2" in text
+
+
+def test_a_run_cut_short_is_skipped(tmp_path):
+    path, _ = _write_run(tmp_path)
+    (tmp_path / "empty.json").write_text("")  # pytest-benchmark creates the file before the run ends
+    run = report.load_runs([str(tmp_path / "empty.json"), str(path), str(tmp_path / "missing.json")])
+    assert len(run.records) == 11 and run.machine["cpu_model"] == "AMD EPYC"
