@@ -208,6 +208,14 @@ class Key:
         rows = [self._permutation("sample-token", n_tokens, i) for i in sample_ids_list(sample_ids)]
         return torch.from_numpy(np.stack(rows)) if rows else torch.empty(0, n_tokens, dtype=torch.int64)
 
+    def uniform(self, purpose: str, n_values: int, *context: int) -> torch.Tensor:
+        """``n_values`` key-derived numbers, uniform in ``[-1, 1)``: float64 ``[n_values]``, exact on every machine
+        (53 keystream bits per value, scaled by a power of two). ``purpose`` names the use (e.g. an embedder's
+        weight); different purposes or ``context`` integers give independent streams."""
+        n_values = _positive(n_values, "n_values")
+        words = self._keystream("uniform:" + purpose, n_values, n_values, *context)
+        return torch.from_numpy((words >> np.uint64(11)).astype(np.float64) * 2.0**-52 - 1.0)
+
     def cached(self, slot: tuple, build):
         """``build()``, memoised per key under the hashable ``slot`` (small LRU); for per-geometry tables."""
         table = self._tables.get(slot)

@@ -29,6 +29,17 @@ def test_permutations_are_pinned_across_versions():
     assert key.token_permutations(5, [0, 7]).tolist() == [[4, 1, 3, 0, 2], [0, 1, 3, 2, 4]]
 
 
+def test_uniform_stream_is_pinned_in_range_and_purpose_bound():
+    key = Key.from_secret(b"pinned uniform")
+    assert key.uniform("w", 4, 7).tolist() == [0.36732046614972846, -0.9960896826731453, 0.37611409269062235,
+                                               0.231118072934265]
+    values = key.uniform("w", 20000)
+    assert values.dtype == torch.float64 and float(values.min()) >= -1.0 and float(values.max()) < 1.0
+    assert abs(float(values.mean())) < 0.02 and abs(float(values.std()) - 3 ** -0.5) < 0.01
+    assert not torch.equal(values[:8], key.uniform("v", 20000)[:8])
+    assert not torch.equal(key.uniform("w", 4, 7), key.uniform("w", 4, 8))
+
+
 def test_sub_keys_are_independent():
     key = Key.from_secret(SECRET)
     n = 64

@@ -1,0 +1,146 @@
+"""Index splits: simulated clients (IID or Dirichlet non-IID), stratified train/test, stratified label fractions.
+
+Every function returns sorted int64 index tensors (sorted so that lazy datasets read files in order) and is
+reproducible: the same arguments and ``seed`` give the same indices (numpy ``Generator(PCG64(seed))``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+LabelsOrCount = Union[torch.Tensor, np.ndarray, list, int]
+
+
+def _labels_array(labels, name: str = "labels") -> np.ndarray:
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    values = np.asarray(labels)
+    if values.ndim != 1 or (values.size and (not np.issubdtype(values.dtype, np.integer) or values.min() < 0)):
+        raise ValueError(f"{name} must be a 1-D array of integers >= 0, got dtype {values.dtype} and shape "
+                         f"{values.shape}")
+    if values.size == 0:
+        raise ValueError(f"{name} is empty")
+    return values.astype(np.int64)
+
+
+def _count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _rng(seed) -> np.random.Generator:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    return np.random.Generator(np.random.PCG64(int(seed)))
+
+
+def _sorted_tensor(indices) -> torch.Tensor:
+    return torch.from_numpy(np.sort(np.asarray(indices, dtype=np.int64)))
+
+
+def split_clients(labels_or_n: LabelsOrCount, n_clients: int, *, alpha: Optional[float] = None,
+                  seed: int = 0) -> list[torch.Tensor]:
+    """Partition a dataset among ``n_clients`` simulated clients.
+
+    Args:
+        labels_or_n: the labels (1-D integers) or, for an IID split only, the number of images.
+        n_clients: number of clients (<= number of images).
+        alpha: None for IID (a random permutation cut into near-equal parts, sizes differ by at most one), or the
+            Dirichlet concentration for non-IID: for every class, the shares of the clients are drawn from
+            ``Dirichlet(alpha, ..., alpha)`` and the class's images (shuffled) are cut accordingly (Hsu et al. 2019).
+            Small alpha (0.1) gives clients dominated by few classes; large alpha (100) approaches IID.
+        seed: the random seed.
+
+    Returns:
+        ``n_clients`` sorted int64 tensors; every image is in exactly one; none is empty (a client the Dirichlet
+        draw leaves empty receives one image from the largest client). Raises ``ValueError`` if there are fewer
+        images than clients.
+    """
+    n_clients = _count(n_clients, "n_clients")
+    if isinstance(labels_or_n, (int, np.integer)) and not isinstance(labels_or_n, bool):
+        if alpha is not None:
+            raise ValueError("a Dirichlet (non-IID) split needs the labels, not only the number of images")
+        n, labels = _count(labels_or_n, "labels_or_n"), None
+    else:
+        labels = _labels_array(labels_or_n, "labels_or_n")
+        n = len(labels)
+    if n < n_clients:
+        raise ValueError(f"cannot give {n_clients} clients at least one image each from {n} images")
+    rng = _rng(seed)
+    if alpha is None:
+        return [_sorted_tensor(part) for part in np.array_split(rng.permutation(n), n_clients)]
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0 < alpha < math.inf):
+        raise ValueError(f"alpha must be a positive finite number (or None for IID), got {alpha!r}")
+    parts: list[list[int]] = [[] for _ in range(n_clients)]
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        shares = rng.dirichlet(np.full(n_clients, float(alpha)))
+        cuts = np.round(np.cumsum(shares)[:-1] * len(members)).astype(np.int64)
+        for client, piece in enumerate(np.split(members, cuts)):
+            parts[client].extend(piece.tolist())
+    for client in range(n_clients):
+        if not parts[client]:
+            donor = max(range(n_clients), key=lambda c: len(parts[c]))
+            parts[client].append(parts[donor].pop())
+    return [_sorted_tensor(part) for part in parts]
+
+
+def _largest_remainder(counts: np.ndarray, fraction: float, total: int) -> np.ndarray:
+    """Integers ``k_c <= counts_c`` summing to ``total`` and proportional to ``fraction * counts`` (Hamilton)."""
+    exact = counts * fraction
+    taken = np.minimum(np.floor(exact).astype(np.int64), counts)
+    order = np.argsort(-(exact - taken), kind="stable")
+    for c in order:
+        if taken.sum() >= total:
+            break
+        if taken[c] < counts[c]:
+            taken[c] += 1
+    return taken
+
+
+def train_test_split(labels: LabelsOrCount, test_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified split into ``(train, test)`` sorted index tensors.
+
+    ``labels`` are 1-D integers (or an int ``n`` for an unstratified split). ``round(test_fraction * n)`` images go
+    to the test split, shared among classes by largest remainder, so every class keeps its proportion (up to
+    rounding). Raises ``ValueError`` unless both splits get at least one image.
+    """
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    labels = (np.zeros(_count(labels, "labels"), dtype=np.int64)
+              if isinstance(labels, (int, np.integer)) and not isinstance(labels, bool) else _labels_array(labels))
+    n = len(labels)
+    total = int(round(test_fraction * n))
+    if not 0 < total < n:
+        raise ValueError(f"test_fraction={test_fraction} of {n} images leaves an empty split")
+    rng = _rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    per_class = _largest_remainder(counts, test_fraction, total)
+    test = []
+    for cls, k in zip(classes, per_class):
+        test.extend(rng.permutation(np.flatnonzero(labels == cls))[:k].tolist())
+    mask = np.zeros(n, dtype=bool)
+    mask[test] = True
+    return _sorted_tensor(np.flatnonzero(~mask)), _sorted_tensor(np.flatnonzero(mask))
+
+
+def label_fraction_subset(labels: LabelsOrCount, fraction: float, seed: int = 0) -> torch.Tensor:
+    """A stratified subset of about ``fraction`` of the images with at least one image of every class present
+    (for few-label fine-tuning): sorted int64 indices. ``fraction`` in (0, 1]; 1 returns every index."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    labels = _labels_array(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    per_class = np.maximum(_largest_remainder(counts, fraction, int(round(fraction * len(labels)))), 1)
+    rng = _rng(seed)
+    chosen = []
+    for cls, k in zip(classes, per_class):
+        chosen.extend(rng.permutation(np.flatnonzero(labels == cls))[:k].tolist())
+    return _sorted_tensor(chosen)
+
+
+__all__ = ["label_fraction_subset", "split_clients", "train_test_split"]

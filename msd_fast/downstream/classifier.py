@@ -1,0 +1,100 @@
+"""Client-side classifiers built from an exported backbone (or from scratch, for the baselines).
+
+An :class:`ImageClassifier` takes raw uint8-range images ``[B, C, H, W]`` and returns logits ``[B, n_classes]``:
+
+* ``plain`` domain (default): the model trained on encrypted images is turned into a plain-image model with
+  :func:`~msd_fast.decrypt_vit` (exact), with the client's input standardisation folded in.
+* ``encrypted`` domain: the model is kept as trained; the classifier encrypts its inputs with the key first.
+* token mode: the key-derived :class:`~msd_fast.token_embedding.TokenEmbedder` feeds the exported blocks.
+* random init (baselines): the same architecture, freshly initialised, on standardised plain images.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from ..keys import Key
+from ..ops.patch_encryption import encrypt_patches
+from ..pretrain.export import load_exported
+from ..token_embedding import TokenEmbedder
+from ..vit import decrypt_vit, forward_views
+
+DOMAINS = ("plain", "encrypted")
+
+
+class ImageClassifier(nn.Module):
+    """``logits = vit(standardise(prepare(x)))``; ``features(x)`` gives the pooled backbone features instead."""
+
+    def __init__(self, vit: VisionTransformer, *, mean: float = 0.0, std: float = 1.0,
+                 encrypt: Optional[dict] = None, embedder: Optional[TokenEmbedder] = None, key: Optional[Key] = None):
+        super().__init__()
+        self.vit, self.embedder, self._encrypt, self._key = vit, embedder, encrypt, key
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def _tokens_forward(self, x: torch.Tensor, head: bool) -> torch.Tensor:
+        tokens = self.embedder(x)
+        B, N, _ = tokens.shape
+        every_token = torch.arange(N, device=tokens.device).expand(1, B, N)
+        saved, self.vit.head = self.vit.head, (self.vit.head if head else nn.Identity())
+        try:
+            return forward_views(self.vit, tokens, every_token)
+        finally:
+            self.vit.head = saved
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if self._encrypt is not None:
+            x = encrypt_patches(x, self._key, **self._encrypt)
+        return (x.float() - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embedder is not None:
+            return self._tokens_forward(x, head=True)
+        return self.vit(self._prepare(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled (class-token) features ``[B, D]`` of the backbone."""
+        if self.embedder is not None:
+            return self._tokens_forward(x, head=False)
+        return self.vit.forward_head(self.vit.forward_features(self._prepare(x)), pre_logits=True)
+
+
+def pretrained_classifier(path: str, key: Key, n_classes: int, *, mean: float, std: float,
+                          domain: str = "plain") -> ImageClassifier:
+    """The client's classifier from an exported backbone (see the module docstring); a fresh linear head with
+    ``n_classes`` outputs. ``mean``/``std``: the client's scalar input standardisation (raw pixel units)."""
+    if domain not in DOMAINS:
+        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+    vit, metadata = load_exported(path)
+    if metadata["key_fingerprint"] != key.fingerprint:
+        raise ValueError(f"the key (fingerprint {key.fingerprint}) is not the one {path} was pretrained with "
+                         f"(fingerprint {metadata['key_fingerprint']})")
+    if metadata["mode"] == "token":
+        H, W = metadata["image_size"]
+        embedder = TokenEmbedder.from_key(key, patch_size=metadata["patch_size"], in_chans=metadata["channels"],
+                                          image_size=(H, W), embed_dim=vit.embed_dim)
+        vit.reset_classifier(n_classes)
+        return ImageClassifier(vit, embedder=embedder)
+    options = {k: metadata["encryption"][k] for k in ("block_scramble", "pixel_shuffle", "negpos", "max_value")}
+    if metadata["encryption"].get("per_sample"):
+        raise ValueError(f"{path} was pretrained on per-sample scrambled images: no single plain-image model exists")
+    if domain == "plain":
+        vit = decrypt_vit(vit, key, metadata["patch_size"], **options, mean=mean, std=std)
+        classifier = ImageClassifier(vit, mean=mean, std=std)
+    else:  # the exported model takes raw encrypted pixels
+        classifier = ImageClassifier(vit, encrypt=dict(patch_size=metadata["patch_size"], **options), key=key)
+    classifier.vit.reset_classifier(n_classes)
+    return classifier
+
+
+def random_classifier(arch: str, n_classes: int, *, image_size, patch_size: int, in_chans: int, mean: float,
+                      std: float, seed: int = 0, **model_kwargs) -> ImageClassifier:
+    """The fine-tuning-only baseline: the same timm ViT, randomly initialised (seeded), on standardised images."""
+    torch.manual_seed(seed)
+    vit = timm.create_model(arch, pretrained=False, num_classes=n_classes, img_size=tuple(image_size),
+                            patch_size=patch_size, in_chans=in_chans, **model_kwargs)
+    return ImageClassifier(vit, mean=mean, std=std)
