@@ -30,7 +30,7 @@ from bench.common import DEVICE, describe, synchronize
 if DEVICE == "cuda":
     ARCH, BATCH, OUT_DIM, AUTOCAST, ROUNDS = "vit_small_patch16_224", 64, 65536, torch.bfloat16, 10
 else:
-    ARCH, BATCH, OUT_DIM, AUTOCAST, ROUNDS = "vit_tiny_patch16_224", 4, 4096, None, 3
+    ARCH, BATCH, OUT_DIM, AUTOCAST, ROUNDS = "vit_tiny_patch16_224", 4, 4096, None, 5
 GLOBAL_VIEWS, GLOBAL_KEEP, LOCAL_VIEWS, LOCAL_KEEP = 2, 0.5, 8, 0.2
 TEACHER_MOMENTUM = 0.996
 

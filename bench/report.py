@@ -1,14 +1,14 @@
 """Turn benchmark runs into a markdown report and a PNG.
 
-    python -m bench.report RUN.json [MORE.json ...] [--profile PROFILE.json] [--out DIR] [--merged-json FILE]
+    python -m bench.report RUN.json [MORE.json ...] [--profile P.json] [--out DIR] [--merged-json F] [--stat min]
 
 Inputs are ``pytest bench/ --benchmark-only --benchmark-json RUN.json`` files (several are merged, e.g. the kernel
 and the end-to-end runs of one machine) and optionally the JSON of ``python -m bench.profile_ops``. Writes
-``DIR/report.md`` and ``DIR/report.png`` and prints the markdown. Per op and shape it shows the median time of every
-provider, the speedup of each of our backends over the eager reference and over ``torch.compile`` of it, the
-fraction of a plain copy's bandwidth (memory-bound ops: copy median / backend median, same bytes moved), the peak
-extra memory (the loss, as a multiple of the student logits) and images/s (the training step), headed by the
-machine (CPU model and cores or GPU name, torch/triton versions) and the date of the run.
+``DIR/report.md`` and ``DIR/report.png`` and prints the markdown. Per op and shape it shows the median (or
+``--stat``) time of every provider, the speedup of each of our backends over the eager reference and over
+``torch.compile`` of it, the fraction of a plain copy's bandwidth (memory-bound ops: copy time / backend time, same
+bytes moved), the peak extra memory (the loss, as a multiple of the student logits) and images/s (the training
+step), headed by the machine (CPU model and cores or GPU name, torch/triton versions) and the date of the run.
 
 Records follow the schema of bench/common.py; the schema of the first GPU run (2026-11-27, before it existed) is
 read too.
@@ -29,7 +29,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8, "uint8":
 
 @dataclass(frozen=True)
 class Record:
-    """One benchmark: ``median`` in seconds; the optional fields are set where they apply (see bench/common.py)."""
+    """One benchmark: ``seconds`` per call (the run's chosen statistic, the median by default); the optional fields
+    are set where they apply (see bench/common.py)."""
 
     op: str
     mode: str
@@ -37,7 +38,7 @@ class Record:
     dtype: str
     provider: str
     device: str
-    median: float
+    seconds: float
     bytes_moved: Optional[int] = None
     peak_extra_bytes: Optional[int] = None
     logits_bytes: Optional[int] = None
@@ -58,6 +59,7 @@ class Run:
     date: str
     compile_failures: dict = field(default_factory=dict)  # group name -> error
     sources: list = field(default_factory=list)  # the raw JSON documents
+    stat: str = "median"  # which of pytest-benchmark's statistics the records' times are
 
 
 def _device_kind(description: str) -> str:
@@ -86,16 +88,16 @@ def _legacy_fields(bench: dict) -> Optional[dict]:
     return None
 
 
-def record_from_benchmark(bench: dict) -> Optional[Record]:
-    """The :class:`Record` of one pytest-benchmark entry, or None for an entry of unknown schema."""
+def record_from_benchmark(bench: dict, stat: str = "median") -> Optional[Record]:
+    """The :class:`Record` of one pytest-benchmark entry (time: ``stats[stat]``), or None for an unknown schema."""
     info = bench.get("extra_info", {})
     if "op" in info and "mode" in info:
-        fields = {name: info.get(name) for name in Record.__dataclass_fields__ if name != "median"}
+        fields = {name: info.get(name) for name in Record.__dataclass_fields__ if name != "seconds"}
     else:
         fields = _legacy_fields(bench)
         if fields is None:
             return None
-    return Record(median=bench["stats"]["median"], **fields)
+    return Record(seconds=bench["stats"][stat], **fields)
 
 
 def _legacy_machine(document: dict) -> dict:
@@ -114,7 +116,7 @@ def _legacy_machine(document: dict) -> dict:
     return machine
 
 
-def load_runs(paths: Iterable[str]) -> Run:
+def load_runs(paths: Iterable[str], stat: str = "median") -> Run:
     """Read and merge pytest-benchmark JSON files (the machine and date are the first readable file's); unreadable
     or empty files (a run cut short) are skipped with a message."""
     records, failures, sources = [], {}, []
@@ -127,13 +129,13 @@ def load_runs(paths: Iterable[str]) -> Run:
             print(f"skipping {path}: {type(error).__name__}: {error}", file=sys.stderr)
             continue
         sources.append(document)
-        records += [r for r in map(record_from_benchmark, document.get("benchmarks", [])) if r is not None]
+        records += [r for r in (record_from_benchmark(b, stat) for b in document.get("benchmarks", [])) if r]
         for failure in document.get("msd_fast", {}).get("compile_failures", []):
             failures[failure["group"]] = failure["error"]
         if machine is None:
             machine = document.get("machine_info", {}).get("msd_fast") or _legacy_machine(document)
             date = document.get("datetime", "")[:10]
-    return Run(records, machine or {}, date, failures, sources)
+    return Run(records, machine or {}, date, failures, sources, stat)
 
 
 def merged_document(run: Run) -> dict:
@@ -183,12 +185,12 @@ def _by_group(records: list) -> dict:
 
 
 def _speedup(base: Optional[Record], ours: Record) -> Optional[float]:
-    return base.median / ours.median if base is not None else None
+    return base.seconds / ours.seconds if base is not None else None
 
 
 def _compile_cell(run: Run, group: tuple, providers: dict) -> str:
     if "compile" in providers:
-        return format_time(providers["compile"].median)
+        return format_time(providers["compile"].seconds)
     op, mode, shape, dtype, device = group
     name = f"{op} {mode} {shape} {dtype} on {device}"
     return "does not compile" if name in run.compile_failures else "not run"
@@ -211,11 +213,11 @@ def memory_bound_table(run: Run) -> list:
                 continue
             ours = providers[name]
             op, mode, shape, dtype, _ = group
-            rows.append([f"{op} {mode.replace('_', '+')}", shape, dtype, f"`{name}`", format_time(ours.median),
-                         format_time(reference.median if reference else None), format_ratio(_speedup(reference, ours)),
+            rows.append([f"{op} {mode.replace('_', '+')}", shape, dtype, f"`{name}`", format_time(ours.seconds),
+                         format_time(reference.seconds if reference else None), format_ratio(_speedup(reference, ours)),
                          _compile_cell(run, group, providers), format_ratio(_speedup(compiled, ours)),
-                         format_time(copy.median), format_fraction(copy.median / ours.median)])
-    return _table(["op", "shape", "dtype", "backend", "median", "eager reference", "speedup", "torch.compile",
+                         format_time(copy.seconds), format_fraction(copy.seconds / ours.seconds)])
+    return _table(["op", "shape", "dtype", "backend", run.stat, "eager reference", "speedup", "torch.compile",
                    "vs compile", "copy of same bytes", "fraction of copy bandwidth"], rows)
 
 
@@ -232,7 +234,7 @@ def scaling_table(run: Run) -> list:
         for name in OURS:
             if name in providers:
                 series.setdefault((op, mode, dtype, name), []).append(
-                    (shape, providers[name].median, providers["copy"].median))
+                    (shape, providers[name].seconds, providers["copy"].seconds))
     rows = []
     for (op, mode, dtype, name), points in series.items():
         if len(points) != 2:
@@ -246,7 +248,7 @@ def scaling_table(run: Run) -> list:
                      f"{format_time(t1)} -> {format_time(t2)}", f"{format_time(c1)} -> {format_time(c2)}",
                      format_time(fixed) if fixed > 0 else "n/a (noise)",
                      format_fraction(1 / slope) if slope > 0 else "n/a (noise)"])
-    return _table(["op", "dtype", "backend", "shapes", "median", "copy", "fixed cost per step",
+    return _table(["op", "dtype", "backend", "shapes", run.stat, "copy", "fixed cost per step",
                    "marginal fraction of copy bandwidth"], rows)
 
 
@@ -267,11 +269,11 @@ def loss_table(run: Run) -> list:
             if name not in providers:
                 continue
             ours = providers[name]
-            rows.append([group[2], group[3], f"`{name}`", format_time(ours.median),
-                         format_time(reference.median if reference else None), format_ratio(_speedup(reference, ours)),
+            rows.append([group[2], group[3], f"`{name}`", format_time(ours.seconds),
+                         format_time(reference.seconds if reference else None), format_ratio(_speedup(reference, ours)),
                          _compile_cell(run, group, providers), format_ratio(_speedup(compiled, ours)),
                          _memory_cell(ours), _memory_cell(reference), _memory_cell(compiled)])
-    return _table(["shape", "dtype", "backend", "median fwd+bwd", "eager reference", "speedup", "torch.compile",
+    return _table(["shape", "dtype", "backend", f"{run.stat} fwd+bwd", "eager reference", "speedup", "torch.compile",
                    "vs compile", "peak extra memory (x student logits)", "eager", "torch.compile"], rows)
 
 
@@ -284,9 +286,9 @@ def train_step_table(run: Run) -> list:
         for name, record in sorted(providers.items()):
             resolved = ", ".join(f"{op}: {backend}" for op, backend in (record.resolved_backends or {}).items())
             rows.append([group[2], group[3], f"`{name}`" + (f" ({resolved})" if resolved else ""),
-                         format_time(record.median), f"{(record.items or 0) / record.median:.1f}",
+                         format_time(record.seconds), f"{(record.items or 0) / record.seconds:.1f}",
                          format_ratio(_speedup(reference, record)) if name != "reference" else "1.00x"])
-    return _table(["model, batch, views", "precision", "ops", "median step", "images/s", "speedup"], rows)
+    return _table(["model, batch, views", "precision", "ops", f"{run.stat} step", "images/s", "speedup"], rows)
 
 
 def profile_table(profile: dict) -> list:
@@ -321,8 +323,9 @@ def markdown(run: Run, profile: Optional[dict] = None) -> str:
     lines = ["# msd_fast benchmark report", "", machine_line(run), ""]
     sections = [
         ("Memory-bound kernels (encryption, masked gather)",
-         "Median time of our backend, the eager PyTorch reference, `torch.compile` of the reference and a plain "
-         "copy of the same bytes; fraction of copy bandwidth = copy time / backend time.", memory_bound_table(run)),
+         f"Time per call ({run.stat} of the rounds) of our backend, the eager PyTorch reference, `torch.compile` of "
+         "the reference and a plain copy of the same bytes; fraction of copy bandwidth = copy time / backend time.",
+         memory_bound_table(run)),
         ("How the time scales with the data",
          "A fixed cost that does not grow with the bytes moved (host work, launches, syncs, serial latency) vs the "
          "kernels' bandwidth on the extra bytes of the larger shape: a two-point fit per op, dtype and backend; "
@@ -371,9 +374,9 @@ def plot(run: Run, path: str) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(15, height))
     bar = 0.8 / max(1, len(providers))
     for axis, selected, value, title in (
-            (axes[0], speed_groups, lambda g, p: groups[g]["reference"].median / groups[g][p].median,
+            (axes[0], speed_groups, lambda g, p: groups[g]["reference"].seconds / groups[g][p].seconds,
              "speedup over the eager reference (log scale)"),
-            (axes[1], bw_groups, lambda g, p: groups[g]["copy"].median / groups[g][p].median,
+            (axes[1], bw_groups, lambda g, p: groups[g]["copy"].seconds / groups[g][p].seconds,
              "fraction of a plain copy's bandwidth")):
         for index, provider in enumerate(providers):
             ys = [i + index * bar for i, g in enumerate(selected) if provider in groups[g]]
@@ -405,8 +408,11 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--out", default="reports", help="folder for report.md and report.png (default: reports)")
     parser.add_argument("--merged-json", help="also write all runs merged into this one JSON file")
     parser.add_argument("--no-png", action="store_true", help="skip the figure")
+    parser.add_argument("--stat", default="median", choices=("median", "min", "mean"),
+                        help="which statistic of the rounds to report (default median; min resists a shared machine's "
+                             "interference, which only ever adds time)")
     args = parser.parse_args(argv)
-    run = load_runs(args.runs)
+    run = load_runs(args.runs, args.stat)
     if not run.records:
         print(f"no benchmark records in {', '.join(args.runs)}", file=sys.stderr)
         return 1

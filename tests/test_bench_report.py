@@ -100,8 +100,8 @@ def test_report_reads_the_first_gpu_runs_schema(tmp_path):
 
 
 def test_scaling_fit_separates_fixed_cost_from_bandwidth():
-    def gather(shape, provider, median):
-        return report.Record("masked_gather", "forward", shape, "float32", provider, "cuda", median)
+    def gather(shape, provider, seconds):
+        return report.Record("masked_gather", "forward", shape, "float32", provider, "cuda", seconds)
     records = [gather("small", "cuda", 200e-6), gather("small", "copy", 50e-6),
                gather("large", "cuda", 800e-6), gather("large", "copy", 350e-6)]
     text = report.markdown(report.Run(records, {"gpu": "H100"}, "2026-11-27"))
