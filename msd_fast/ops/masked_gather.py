@@ -64,7 +64,8 @@ def check_masked_gather_args(tokens: torch.Tensor, idx: torch.Tensor, pos: Optio
 
 # Indices made by sample_views carry the bound they were drawn below and the tensor's version counter at that time,
 # so masked_gather can skip the min/max reduction and its host<->device sync for them; any in-place change of the
-# tensor (or of a view of it) bumps the version and brings the full check back.
+# tensor (or of a view of it) bumps the version and brings the full check back. Writes that bypass autograd's version
+# counter (through ``.data``, ``.numpy()`` or DLPack) are not seen: the CPU kernel still checks every index itself.
 _RANGE_TAG = "_msd_fast_index_bound"
 
 
