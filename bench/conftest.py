@@ -1,32 +1,11 @@
-"""Benchmark configuration: providers per device. Triton is benchmarked only on a GPU (its CPU interpreter is a
-correctness tool, not a performance backend)."""
-import pytest
-import torch
-
-import msd_fast
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+"""pytest configuration of the benchmarks: what goes into ``--benchmark-json`` besides the timings -- the machine's
+description under ``machine_info["msd_fast"]`` and the references that did not compile under ``"msd_fast"``."""
+from bench.common import COMPILE_FAILURES, machine_description
 
 
-def kernel_backends() -> list:
-    """Non-reference backends that can be timed on ``DEVICE``."""
-    status = msd_fast.backends()
-    wanted = ("cuda", "triton") if DEVICE == "cuda" else ("cpu",)
-    return [name for name in wanted if status[name].available]
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["msd_fast"] = machine_description()
 
 
-def synchronize():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-@pytest.fixture
-def timed(benchmark):
-    """``timed(fn, *args)``: benchmark ``fn`` with device synchronisation; returns the last result."""
-    def run(fn, *args, **kwargs):
-        def call():
-            out = fn(*args, **kwargs)
-            synchronize()
-            return out
-        return benchmark(call)
-    return run
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["msd_fast"] = {"compile_failures": list(COMPILE_FAILURES)}

@@ -81,6 +81,13 @@ _MODULES = {"cpu": "msd_fast._C", "cuda": "msd_fast._cuda", "triton": "msd_fast.
 
 
 def _status(name: str) -> BackendStatus:
+    # Availability is a property of the process (built extensions, visible devices), except that Triton on CPU
+    # depends on TRITON_INTERPRET; so it is computed once per name and interpreter setting, not on every op call.
+    return _cached_status(name, triton_interpreted())
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_status(name: str, interpreted: bool) -> BackendStatus:
     if name == "reference":
         return BackendStatus(name, True, "pure PyTorch, any device")
     if name == "cpu":
@@ -96,12 +103,12 @@ def _status(name: str) -> BackendStatus:
             return BackendStatus(name, False, "built, but no CUDA device is visible")
         return BackendStatus(name, True, f"CUDA C++ on {torch.cuda.get_device_name()}")
     if name == "triton":
-        if not torch.cuda.is_available() and not triton_interpreted():
+        if not torch.cuda.is_available() and not interpreted:
             return BackendStatus(name, False, "no CUDA device (set TRITON_INTERPRET=1 to interpret on CPU)")
         module, why = _import("msd_fast.kernels")
         if module is None:
             return BackendStatus(name, False, why)
-        where = "CPU tensors via TRITON_INTERPRET=1" if triton_interpreted() else "CUDA tensors"
+        where = "CPU tensors via TRITON_INTERPRET=1" if interpreted else "CUDA tensors"
         return BackendStatus(name, True, f"Triton on {where}")
     raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {name!r}")
 

@@ -62,9 +62,27 @@ def check_masked_gather_args(tokens: torch.Tensor, idx: torch.Tensor, pos: Optio
             raise ValueError(f"prefix must be [P, D] with D = {D}, got shape {tuple(prefix.shape)}")
 
 
+# Indices made by sample_views carry the bound they were drawn below and the tensor's version counter at that time,
+# so masked_gather can skip the min/max reduction and its host<->device sync for them; any in-place change of the
+# tensor (or of a view of it) bumps the version and brings the full check back. Writes that bypass autograd's version
+# counter (through ``.data``, ``.numpy()`` or DLPack) are not seen: the CPU kernel still checks every index itself.
+_RANGE_TAG = "_msd_fast_index_bound"
+
+
+def mark_index_range(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Record on ``idx`` that its values are in ``[0, num_tokens)`` (true by construction); returns ``idx``."""
+    if not torch.compiler.is_compiling():  # graph tensors are traced, not tagged; they take the full check
+        setattr(idx, _RANGE_TAG, (num_tokens, idx._version))
+    return idx
+
+
 def check_index_range(idx: torch.Tensor, num_tokens: int) -> None:
-    """Raise ``IndexError`` unless every index is in ``[0, num_tokens)`` (one min/max reduction, one sync)."""
+    """Raise ``IndexError`` unless every index is in ``[0, num_tokens)``: one min/max reduction and one sync, unless
+    ``idx`` is unchanged since :func:`mark_index_range` recorded a bound ``<= num_tokens``."""
     if idx.numel() == 0:
+        return
+    known = getattr(idx, _RANGE_TAG, None)
+    if known is not None and known[0] <= num_tokens and known[1] == idx._version:
         return
     low, high = (int(value) for value in torch.aminmax(idx))
     if low < 0 or high >= num_tokens:
@@ -285,4 +303,4 @@ def sample_views(batch_size: int, num_tokens: int, n_views: int, keep: Union[int
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device} but device is {device}")
     noise = torch.rand((n_views, batch_size, num_tokens), generator=generator, device=device)
-    return noise.topk(K, dim=-1, sorted=False).indices.sort(dim=-1).values
+    return mark_index_range(noise.topk(K, dim=-1, sorted=False).indices.sort(dim=-1).values, num_tokens)

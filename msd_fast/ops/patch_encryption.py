@@ -33,6 +33,8 @@ class PatchTables(NamedTuple):
     flip: Optional[torch.Tensor]
 
     def to(self, device: torch.device) -> "PatchTables":
+        if all(t is None or t.device == device for t in self):  # the per-key cache already holds them there
+            return self
         return PatchTables(*(t.to(device) if t is not None else None for t in self))
 
 
