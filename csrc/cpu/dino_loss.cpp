@@ -277,7 +277,9 @@ void dino_loss_kernel(const torch::Tensor& student, const torch::Tensor& teacher
   const acc_t normaliser = static_cast<acc_t>(pairs * shape.batch);
   const acc_t scale = static_cast<acc_t>(1.0 / (student_temp * static_cast<double>(pairs * shape.batch)));
   std::vector<acc_t> sample_losses(shape.batch);
-#pragma omp parallel num_threads(at::get_num_threads())
+  // Below this many logits a call is cheaper on one thread than waking the OpenMP team.
+  const bool parallel = (shape.student_views + shape.teacher_views) * shape.batch * shape.out_dim >= (1 << 15);
+#pragma omp parallel num_threads(at::get_num_threads()) if (parallel)
   {
     Tiles<acc_t> tiles(shape);
 #pragma omp for schedule(static)

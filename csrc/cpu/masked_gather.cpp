@@ -61,11 +61,15 @@ void add_row(scalar_t* __restrict__ out, const scalar_t* __restrict__ source, in
   }
 }
 
+// Below this many values a call is cheaper on one thread than waking the OpenMP team.
+constexpr int64_t kParallelMinValues = 1 << 15;
+
 template <typename scalar_t, typename index_t>
 void gather_views(const scalar_t* tokens, TokenStrides ts, const index_t* idx, const scalar_t* pos, TokenStrides ps,
                   const scalar_t* prefix, scalar_t* out, int64_t V, int64_t B, int64_t K, int64_t P, int64_t D) {
   const int64_t row_len = P + K;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(at::get_num_threads())
+  const bool parallel = V * B * row_len * D >= kParallelMinValues;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(at::get_num_threads()) if (parallel)
   for (int64_t r = 0; r < V * B; ++r) {
     for (int64_t t = 0; t < row_len; ++t) {
       scalar_t* target = out + (r * row_len + t) * D;
@@ -147,7 +151,8 @@ void scatter_views(const BackwardTensors<scalar_t>& t, const BackwardGeometry& g
   const int64_t prefix_items = t.grad_prefix != nullptr ? g.P : 0;
   const bool token_items = t.grad_tokens != nullptr || t.grad_pos != nullptr;
   const int64_t first = token_items ? 0 : g.N;
-#pragma omp parallel num_threads(at::get_num_threads())
+  const bool parallel = g.V * g.B * (g.P + g.K) * g.D >= kParallelMinValues;  // values of grad_out read
+#pragma omp parallel num_threads(at::get_num_threads()) if (parallel)
   {
     std::vector<opmath_t> sample_sum(g.D);
     std::vector<double> cross_sample_sum(g.D);  // shared pos and prefix: sums over samples/rows in float64

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..dino import DINOLoss
-from ..ops.masked_gather import sample_views
+from ..ops.masked_gather import mark_index_range, sample_views
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PretrainConfig
@@ -162,8 +162,10 @@ class Pretraining:
         if config.local_views:
             groups.append((config.local_views, config.local_keep))
         first = self.info.rank * self.local_batch
-        return [sample_views(config.batch_size, self.num_tokens, n, keep, generator=generator)
-                [:, first:first + self.local_batch].to(self.info.device) for n, keep in groups]
+        views = [sample_views(config.batch_size, self.num_tokens, n, keep, generator=generator)
+                 [:, first:first + self.local_batch].to(self.info.device) for n, keep in groups]
+        # In range by construction: spare masked_gather its index-range check (a device sync per call on GPUs).
+        return [mark_index_range(idx, self.num_tokens) for idx in views]
 
     def train_step(self, inputs: torch.Tensor, epoch: int, step: int) -> float:
         config = self.config
