@@ -13,13 +13,13 @@ import csv
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from typing import Optional
 
 import numpy as np
 import torch
 
+from .atomic import atomic_write, save_figure, write_text
 from .client import encode_dataset
 from .data import ImageSet, label_fraction_subset, load_dataset, split_clients, train_test_split
 from .downstream import (FedAvgSettings, LabelledSplit, Recipe, build_classifier, fedavg_baseline,
@@ -72,13 +72,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _atomic_write(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".msd_fast-", dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -240,29 +233,18 @@ class Demo:
         lines += ["", "Accuracy: mean ± std over the clients (each fine-tunes on its own labelled images; FedAvg has "
                   "one global model). All methods are scored on the same held-out test set."]
         table = "\n".join(lines) + "\n"
-        _atomic_write(os.path.join(out, "results.md"), table)
+        write_text(os.path.join(out, "results.md"), table)
         fields = ["method", "accuracy", "accuracy_std", "balanced_accuracy", "macro_auc", "knn_accuracy",
                   "upload_bytes", "download_bytes", "rounds"]
-        with tempfile.NamedTemporaryFile("w", dir=out, delete=False, newline="", suffix=".tmp") as handle:
+        with atomic_write(os.path.join(out, "results.csv"), "w") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(handle.name, os.path.join(out, "results.csv"))
-        _atomic_write(os.path.join(out, "results.json"), json.dumps(results, indent=2))
+        write_text(os.path.join(out, "results.json"), json.dumps(results, indent=2))
         plot_loss_curve(os.path.join(out, "pretrain", "log.jsonl"), os.path.join(out, "loss_curve.png"))
         self.plot_accuracy_vs_communication(rows, os.path.join(out, "accuracy_vs_communication.png"))
         self.plot_samples(images, key, os.path.join(out, "samples.png"))
         print(table)
-
-    @staticmethod
-    def _save_figure(figure, path: str) -> None:
-        import matplotlib.pyplot as plt
-
-        fd, tmp = tempfile.mkstemp(prefix=".msd_fast-plot-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-        os.close(fd)
-        figure.savefig(tmp)
-        plt.close(figure)
-        os.replace(tmp, path)
 
     def plot_accuracy_vs_communication(self, rows: list[dict], path: str) -> None:
         import matplotlib
@@ -281,7 +263,7 @@ class Demo:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
         figure.tight_layout()
-        self._save_figure(figure, path)
+        save_figure(figure, path)
 
     def plot_samples(self, images: torch.Tensor, key: Key, path: str) -> None:
         import matplotlib
@@ -304,7 +286,7 @@ class Demo:
                 axes[row, col].axis("off")
             axes[row, 0].set_title(title, loc="left", fontsize=9)
         figure.tight_layout()
-        self._save_figure(figure, path)
+        save_figure(figure, path)
 
 
 def run_demo(config: DemoConfig) -> dict:

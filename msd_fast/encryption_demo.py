@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .backends import resolve_backend
+from .image_grid import save_image_columns
 from .keys import Key
 from .ops.patch_encryption import decrypt_patches, encrypt_patches
 from .phantom import head_phantom
@@ -21,23 +22,6 @@ from .vit import encrypt_vit
 
 def _to_uint8_batch(images: list) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.round(im * 255.0) for im in images]).astype(np.uint8))[:, None]
-
-
-def _save_side_by_side(path: str, columns: list, labels: list, gap: int = 8) -> None:
-    from PIL import Image, ImageDraw
-
-    rows, height, width = columns[0].shape[0], columns[0].shape[2], columns[0].shape[3]
-    label_height = 18
-    canvas = Image.new("L", (len(columns) * (width + gap) - gap, rows * (height + gap) + label_height), 255)
-    draw = ImageDraw.Draw(canvas)
-    for c, (images, label) in enumerate(zip(columns, labels)):
-        draw.text((c * (width + gap) + 4, 2), label, fill=0)
-        for r in range(rows):
-            tile = Image.fromarray(images[r, 0].numpy())
-            canvas.paste(tile, (c * (width + gap), label_height + r * (height + gap)))
-    tmp = f"{path}.tmp.png"
-    canvas.save(tmp)
-    os.replace(tmp, path)
 
 
 def run(out_dir: str = "demo_out", patch_size: int = 16, size: int = 224, key_path: str | None = None) -> dict:
@@ -69,7 +53,7 @@ def run(out_dir: str = "demo_out", patch_size: int = 16, size: int = 224, key_pa
         model_gap = (encrypted_model(y.float()) - model((x.float() - 127.5) / 64.0)).abs().max().item()
 
     path = os.path.join(out_dir, "encryption_demo.png")
-    _save_side_by_side(path, [x, y, back, wrong], ["plain", "encrypted", "decrypted", "wrong key"])
+    save_image_columns(path, [("plain", x), ("encrypted", y), ("decrypted", back), ("wrong key", wrong)])
     result = dict(
         fingerprint=key.fingerprint, backend=backend, encrypt_ms=encrypt_ms,
         exact=bool(torch.equal(back, x)), wrong_key_changed=float((wrong != x).float().mean()),

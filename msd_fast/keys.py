@@ -20,7 +20,6 @@ import json
 import os
 import stat
 import struct
-import tempfile
 import warnings
 import weakref
 from collections import OrderedDict
@@ -28,6 +27,8 @@ from typing import Iterable, Union
 
 import numpy as np
 import torch
+
+from .atomic import atomic_write
 
 SECRET_BYTES = 32
 KEY_FILE_FORMAT = "msd_fast.key"
@@ -124,23 +125,8 @@ class Key:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
         payload = json.dumps({"format": KEY_FILE_FORMAT, "version": KEY_FILE_VERSION,
                               "fingerprint": self.fingerprint, "secret": self._secret.hex()}).encode()
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".msd_fast-key-", dir=folder)  # created with mode 0600
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o600)
-            if overwrite:
-                os.replace(tmp, path)
-            else:
-                os.link(tmp, path)  # fails if path appeared meanwhile: never clobber
-                os.unlink(tmp)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path, overwrite=overwrite, file_mode=0o600) as handle:  # created 0600, never readable
+            handle.write(payload)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "Key":

@@ -14,11 +14,12 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from .atomic import atomic_write
 
 SHARD_FORMAT = "msd_fast.shard"
 SHARD_VERSION = 1
@@ -123,39 +124,25 @@ def write_shard(path: str | os.PathLike, batches: Iterable[torch.Tensor], meta: 
     placeholder = _header_bytes(meta)
     torch_dtype = _DTYPES[meta.dtype][2]
     digest, written = hashlib.sha256(), 0
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".msd_fast-shard-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(struct.pack("<Q", len(placeholder)) + placeholder)
-            for batch in batches:
-                if batch.dtype != torch_dtype or tuple(batch.shape[1:]) != meta.item_shape:
-                    raise ShardError(f"batches must be [b, {', '.join(map(str, meta.item_shape))}] {meta.dtype}, got "
-                                     f"{tuple(batch.shape)} {batch.dtype}")
-                written += batch.shape[0]
-                if written > meta.count:
-                    raise ShardError(f"more than count={meta.count} items were written")
-                data = batch.detach().cpu().contiguous().numpy().tobytes()
-                digest.update(data)
-                handle.write(data)
-            if written != meta.count:
-                raise ShardError(f"{written} items were written, the metadata says count={meta.count}")
-            meta = dataclasses.replace(meta, checksum=digest.hexdigest())
-            final = _header_bytes(meta)
-            assert len(final) == len(placeholder), "the checksum has a fixed width"
-            handle.seek(8)
-            handle.write(final)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails if path appeared meanwhile: never clobber
-            os.unlink(tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, overwrite=overwrite) as handle:
+        handle.write(struct.pack("<Q", len(placeholder)) + placeholder)
+        for batch in batches:
+            if batch.dtype != torch_dtype or tuple(batch.shape[1:]) != meta.item_shape:
+                raise ShardError(f"batches must be [b, {', '.join(map(str, meta.item_shape))}] {meta.dtype}, got "
+                                 f"{tuple(batch.shape)} {batch.dtype}")
+            written += batch.shape[0]
+            if written > meta.count:
+                raise ShardError(f"more than count={meta.count} items were written")
+            data = batch.detach().cpu().contiguous().numpy().tobytes()
+            digest.update(data)
+            handle.write(data)
+        if written != meta.count:
+            raise ShardError(f"{written} items were written, the metadata says count={meta.count}")
+        meta = dataclasses.replace(meta, checksum=digest.hexdigest())
+        final = _header_bytes(meta)
+        assert len(final) == len(placeholder), "the checksum has a fixed width"
+        handle.seek(8)
+        handle.write(final)
     return meta
 
 

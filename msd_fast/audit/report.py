@@ -21,12 +21,13 @@ import itertools
 import json
 import math
 import os
-import tempfile
 import time
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..atomic import write_text
+from ..image_grid import save_image_columns
 from ..keys import Key, require_key
 from ..ops.patch_encryption import blocks_to_image, encrypt_patches, image_to_blocks
 from ..ops.token_permutation import permute_tokens
@@ -83,27 +84,6 @@ def _assemble(patches: torch.Tensor, positions: torch.Tensor, geometry: tuple, p
     B, N, L = patches.shape
     blocks = torch.empty_like(patches).scatter_(1, positions[:, :, None].expand(B, N, L), patches)
     return blocks_to_image(blocks, *geometry, patch_size)
-
-
-def _write_atomic(path: str, write: Callable[[str], None]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".msd_fast-audit-", suffix=os.path.splitext(path)[1], dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _text_writer(text: str) -> Callable[[str], None]:
-    def write(path: str) -> None:
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-    return write
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -297,10 +277,10 @@ class AuditReport:
         returns their paths."""
         os.makedirs(out_dir, exist_ok=True)
         paths = {name: os.path.join(out_dir, name) for name in FILES}
-        _write_atomic(paths["audit.md"], _text_writer(self.to_markdown("audit.png" if self.figure else None)))
-        _write_atomic(paths["audit.json"], _text_writer(json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"))
+        write_text(paths["audit.md"], self.to_markdown("audit.png" if self.figure else None))
+        write_text(paths["audit.json"], json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
         if self.figure:
-            _write_atomic(paths["audit.png"], lambda tmp: save_figure(tmp, self.figure))
+            save_image_columns(paths["audit.png"], self.figure)
         else:
             del paths["audit.png"]
         return paths
@@ -326,36 +306,6 @@ ASSUMPTIONS = (
     "pairs is assumed known (strongest case); they name the groups' positions and fit a ridge regression "
     "[token, one-hot group, 1] -> patch.",
 )
-
-
-def save_figure(path: str, columns: Sequence[tuple]) -> None:
-    """Write labelled columns of images side by side as a PNG: ``columns`` is ``[(label, uint8 [R, C, H, W])]``
-    with C = 1 (gray) or 3 (RGB), the same R, H, W in every column."""
-    from PIL import Image, ImageDraw
-
-    labels, images = zip(*columns)
-    R, C, H, W = images[0].shape
-    gap, label_height, scale = 6, 14 * max(1, len(max(labels, key=len)) // 18 + 1), max(1, 96 // max(H, W))
-    mode = "L" if C == 1 else "RGB"
-    cell_w = max(W * scale, 96)
-    canvas = Image.new(mode, (len(columns) * (cell_w + gap) - gap, label_height + R * (H * scale + gap)),
-                       255 if mode == "L" else (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for c, (label, batch) in enumerate(columns):
-        words, line, text_lines = label.split(), "", []
-        for word in words:
-            if len(line) + len(word) + 1 > 18 and line:
-                text_lines.append(line)
-                line = word
-            else:
-                line = f"{line} {word}".strip()
-        text_lines.append(line)
-        draw.text((c * (cell_w + gap) + 2, 1), "\n".join(text_lines), fill=0 if mode == "L" else (0, 0, 0))
-        for r in range(R):
-            array = batch[r].permute(1, 2, 0).numpy() if C == 3 else batch[r, 0].numpy()
-            tile = Image.fromarray(array).resize((W * scale, H * scale), Image.NEAREST)
-            canvas.paste(tile, (c * (cell_w + gap), label_height + r * (H * scale + gap)))
-    canvas.save(path, format="PNG")
 
 
 def _token_rows(victims: torch.Tensor, known: torch.Tensor, key: Key, *, embed_dim: int, patch_size: int,

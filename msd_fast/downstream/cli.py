@@ -19,12 +19,12 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Optional
 
 import torch
 
+from ..atomic import write_text
 from ..client import _image_size
 from ..data import (DataError, ImageSet, check_patch_size, label_fraction_subset, load_dataset, split_clients,
                     train_test_split)
@@ -298,18 +298,7 @@ def write_results(out_dir: str, name: str, results: dict) -> str:
     when complete (an existing file is replaced only by a complete one). Returns the path."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, name)
-    fd, tmp = tempfile.mkstemp(prefix=".msd_fast-results-", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(results, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text(path, json.dumps(results, indent=2) + "\n")
     return path
 
 

@@ -2,10 +2,9 @@
 code runs). They hold the key's public fingerprint, never the key."""
 from __future__ import annotations
 
-import os
-import tempfile
-
 import torch
+
+from ..atomic import atomic_write
 
 CHECKPOINT_FORMAT = "msd_fast.pretrain-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -15,18 +14,8 @@ def save_checkpoint(state: dict, path: str) -> None:
     """Write ``state`` (tensors and plain Python values) to ``path`` atomically; an older file stays intact until
     the new one is complete."""
     state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".msd_fast-ckpt-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as handle:
+        torch.save(state, handle)
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:

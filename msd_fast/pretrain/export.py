@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from timm.models.vision_transformer import VisionTransformer
 
+from ..atomic import atomic_write
 from .checkpoint import load_checkpoint
 from .model import create_backbone
 
@@ -64,15 +64,8 @@ def export_backbone(checkpoint: str, out: str, *, overwrite: bool = False) -> di
                 "input": ("tokens of the key-derived TokenEmbedder" if token_mode
                           else "raw encrypted images, values in [0, max_value]")}
     tensors = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
-    folder = os.path.dirname(os.path.abspath(out))
-    fd, tmp = tempfile.mkstemp(prefix=".msd_fast-export-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"msd_fast": json.dumps(metadata)})
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(out, overwrite=overwrite) as handle:
+        handle.write(safetensors_bytes(tensors, metadata={"msd_fast": json.dumps(metadata)}))
     return metadata
 
 

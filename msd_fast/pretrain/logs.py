@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
+
+from ..atomic import save_figure
 
 
 class MetricsLog:
@@ -56,13 +56,4 @@ def plot_loss_curve(log_path: str, png_path: str) -> None:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    folder = os.path.dirname(os.path.abspath(png_path))
-    fd, tmp = tempfile.mkstemp(prefix=".msd_fast-plot-", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        figure.savefig(tmp)
-        os.replace(tmp, png_path)
-    finally:
-        plt.close(figure)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_figure(figure, png_path)
