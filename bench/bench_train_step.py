@@ -1,29 +1,24 @@
-"""End-to-end throughput: images/s of one masked-sampling-distillation (MS-DINO) training step, built only from the
-public API, with our kernels (``backend="auto"``) vs the same loop with every op forced to ``"reference"``, in the
-same run.
+"""End-to-end throughput: images/s of one masked-sampling-distillation (MS-DINO) training step -- the server's own
+networks (``msd_fast.pretrain``: timm ViT + DINO head with BatchNorm, ``MaskedSamplingNet``) -- with our kernels
+(``backend="auto"``) vs the same step with every op forced to ``"reference"``, in the same run.
 
-One step, as the server runs it on a batch of (encrypted) images ``[B, 3, 224, 224]``:
-student and teacher patch embeddings -> ``sample_views`` (2 global views keeping 0.5, 8 local views keeping 0.2) ->
-``forward_views`` (fused ``masked_gather`` + the timm ViT's blocks, norm, class token) -> DINO projection head ->
-teacher on the global views, student on all views -> ``DINOLoss`` (fused ``dino_loss``, EMA center) -> backward ->
-AdamW step -> EMA teacher update. GPU: ViT-S/16, B = 64, K = 65536, bfloat16 autocast (as DINO trains in mixed
-precision). CPU: ViT-Ti/16, B = 4, K = 4096, float32 (a 2-core machine cannot run the GPU configuration in a
-benchmark's time). ``items`` in ``extra_info`` is B, so the report shows images/s.
-
-The model code is deliberately small; when the server pretraining loop (``msd_fast.pretrain``) lands, this benchmark
-can time that loop instead.
+One step, as ``msd-fast pretrain`` runs it on a batch of (encrypted) images ``[B, 3, 224, 224]``: ``sample_views``
+(2 global views keeping 0.5, 8 local views keeping 0.2) -> student on all views and EMA teacher on the global views,
+each through ``forward_views`` (fused ``masked_gather`` + the ViT's blocks, norm, class token) and the DINO head ->
+``DINOLoss`` (fused ``dino_loss``, EMA center) -> backward -> AdamW (DINO's parameter groups) -> EMA teacher update.
+GPU: ViT-S/16, B = 64, K = 65536, bfloat16 autocast (as the pretraining loop runs on GPUs). CPU: ViT-Ti/16, B = 4,
+K = 4096, float32 (a 2-core machine cannot run the GPU configuration in a benchmark's time). ``items`` in
+``extra_info`` is B, so the report shows images/s.
 """
 import contextlib
-import copy
 
 import pytest
-import timm
 import torch
-from torch import nn
-from torch.nn import functional as F
 
-from msd_fast import DINOLoss, forward_views, sample_views
+from msd_fast import DINOLoss, sample_views
 from msd_fast.backends import resolve_backend
+from msd_fast.pretrain.model import DINOHead, MaskedSamplingNet, create_backbone
+from msd_fast.pretrain.trainer import parameter_groups
 
 from bench.common import DEVICE, describe, synchronize
 
@@ -35,44 +30,22 @@ GLOBAL_VIEWS, GLOBAL_KEEP, LOCAL_VIEWS, LOCAL_KEEP = 2, 0.5, 8, 0.2
 TEACHER_MOMENTUM = 0.996
 
 
-class ProjectionHead(nn.Module):
-    """DINO's projection head: 3-layer MLP (GELU) to a 256-d bottleneck, L2 normalisation, weight-normalised
-    linear layer to ``out_dim`` logits. ``[rows, in_dim] -> [rows, out_dim]``."""
-
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
-        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
-
-
-class MaskedDistillation(nn.Module):
-    """A ViT backbone (timm, no classifier) and its projection head; ``forward(tokens, idx)`` runs the views."""
-
-    def __init__(self, arch: str, out_dim: int, backend: str):
-        super().__init__()
-        self.vit = timm.create_model(arch, pretrained=False, num_classes=0)
-        self.head = ProjectionHead(self.vit.embed_dim, out_dim)
-        self.backend = backend
-
-    def forward(self, tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """``tokens: [B, N, D]`` patch embeddings, ``idx: [V, B, K]`` -> logits ``[V * B, out_dim]``."""
-        return self.head(forward_views(self.vit, tokens, idx, backend=self.backend))
+def network(backend: str) -> MaskedSamplingNet:
+    backbone = create_backbone(ARCH, image_size=(224, 224), patch_size=16, in_chans=3, token_mode=False)
+    return MaskedSamplingNet(backbone, DINOHead(backbone.embed_dim, OUT_DIM), token_mode=False, backend=backend)
 
 
 def make_training_step(backend: str):
     """One MS-DINO training step on a fixed batch, every op on ``backend``; returns ``step() -> loss``."""
     torch.manual_seed(0)
-    student = MaskedDistillation(ARCH, OUT_DIM, backend).to(DEVICE)
-    teacher = copy.deepcopy(student).requires_grad_(False)
+    student, teacher = network(backend).to(DEVICE), network(backend).to(DEVICE)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
     loss_fn = DINOLoss(OUT_DIM, GLOBAL_VIEWS + LOCAL_VIEWS, GLOBAL_VIEWS, n_epochs=1, backend=backend).to(DEVICE)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.04)
+    optimizer = torch.optim.AdamW(parameter_groups(student), lr=1e-4, weight_decay=0.04)
     student_params, teacher_params = list(student.parameters()), list(teacher.parameters())
     images = torch.randn(BATCH, 3, 224, 224, device=DEVICE)
-    n_tokens = student.vit.patch_embed.num_patches
+    n_tokens = student.backbone.patch_embed.num_patches
     generator = torch.Generator(DEVICE).manual_seed(0)
     precision = (lambda: torch.autocast(DEVICE, dtype=AUTOCAST)) if AUTOCAST is not None else contextlib.nullcontext
 
@@ -80,11 +53,10 @@ def make_training_step(backend: str):
         global_idx = sample_views(BATCH, n_tokens, GLOBAL_VIEWS, GLOBAL_KEEP, generator=generator, device=DEVICE)
         local_idx = sample_views(BATCH, n_tokens, LOCAL_VIEWS, LOCAL_KEEP, generator=generator, device=DEVICE)
         with precision():
+            student_out = student(images, [global_idx, local_idx])
             with torch.no_grad():
-                teacher_out = teacher(teacher.vit.patch_embed(images), global_idx)
-            tokens = student.vit.patch_embed(images)
-            student_out = torch.cat([student(tokens, global_idx), student(tokens, local_idx)])
-            loss = loss_fn(student_out, teacher_out, epoch=0)
+                teacher_out = teacher(images, [global_idx])
+        loss = loss_fn(student_out, teacher_out, epoch=0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

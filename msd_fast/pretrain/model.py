@@ -113,13 +113,14 @@ class MaskedSamplingNet(nn.Module):
 
     ``forward(inputs, views)``: ``inputs`` is ``[B, C, H, W]`` raw encrypted images (any dtype; standardised with
     the fixed scalars ``input_mean``/``input_std``) or, in token mode, ``[B, N, D]`` tokens; ``views`` a list of
-    ``[V_i, B, K_i]`` index tensors. Returns ``[sum_i V_i * B, out_dim]`` float logits, view-major.
+    ``[V_i, B, K_i]`` index tensors. Returns ``[sum_i V_i * B, out_dim]`` float logits, view-major. ``backend``
+    is the :func:`~msd_fast.masked_gather` backend.
     """
 
     def __init__(self, backbone: VisionTransformer, head: DINOHead, *, token_mode: bool, input_mean: float = 0.0,
-                 input_std: float = 1.0):
+                 input_std: float = 1.0, backend: str = "auto"):
         super().__init__()
-        self.backbone, self.head, self.token_mode = backbone, head, token_mode
+        self.backbone, self.head, self.token_mode, self.backend = backbone, head, token_mode, backend
         self.register_buffer("input_mean", torch.tensor(float(input_mean)))
         self.register_buffer("input_std", torch.tensor(float(input_std)))
 
@@ -133,5 +134,5 @@ class MaskedSamplingNet(nn.Module):
 
     def forward(self, inputs: torch.Tensor, views: Sequence[torch.Tensor]) -> torch.Tensor:
         tokens = self.tokens(inputs)
-        features = torch.cat([forward_views(self.backbone, tokens, idx) for idx in views])
+        features = torch.cat([forward_views(self.backbone, tokens, idx, backend=self.backend) for idx in views])
         return self.head(features).float()
