@@ -21,6 +21,7 @@ import torch
 
 from .atomic import atomic_write, save_figure, write_text
 from .client import encode_dataset
+from .flags import flag
 from .data import ImageSet, label_fraction_subset, load_dataset, split_clients, train_test_split
 from .downstream import (FedAvgSettings, LabelledSplit, Recipe, build_classifier, fedavg_baseline,
                          finetune_and_evaluate, probe)
@@ -30,35 +31,31 @@ from .pretrain import PretrainConfig, export_backbone, pretrain
 from .pretrain.logs import plot_loss_curve
 
 
-def _f(default, help: str, **extra):
-    return dataclasses.field(default=default, metadata={"help": help, **extra})
-
-
 @dataclasses.dataclass
 class DemoConfig:
-    out: str = _f("demo_out", "report folder (also holds the demo's key, shards, checkpoint and model)")
-    data: str = _f("synthetic:2400", "labelled data: synthetic[:N], an image folder with class sub-folders, a "
+    out: str = flag("demo_out", "report folder (also holds the demo's key, shards, checkpoint and model)")
+    data: str = flag("synthetic:2400", "labelled data: synthetic[:N], an image folder with class sub-folders, a "
                                      "MedMNIST .npz or a .npy")
-    image_size: Optional[int] = _f(None, "resize images to this side")
-    clients: int = _f(3, "simulated clients")
-    alpha: Optional[float] = _f(None, "Dirichlet concentration of a non-IID split (default: IID)")
-    test_fraction: float = _f(0.25, "held-out test fraction")
-    label_fraction: float = _f(0.1, "fraction of each client's images with labels for fine-tuning")
-    patch_size: int = _f(8, "ViT patch size (= encryption block size)")
-    arch: str = _f("vit_tiny_patch16_224", "timm ViT name")
-    depth: int = _f(4, "ViT depth")
-    embed_dim: int = _f(96, "ViT width")
-    num_heads: int = _f(3, "attention heads")
-    out_dim: int = _f(256, "DINO head output size")
-    epochs: int = _f(10, "pretraining epochs")
-    pretrain_lr: float = _f(4e-3, "pretraining peak lr at batch 256 (scaled to batch 64)")
-    finetune_epochs: int = _f(30, "fine-tuning epochs (FedAvg: rounds x local epochs = this)")
-    finetune_lr: float = _f(2e-3, "fine-tuning peak lr at batch 256")
-    local_epochs: int = _f(2, "FedAvg local epochs per round")
-    negpos: bool = _f(True, "negative-positive transform in the encryption")
-    seed: int = _f(0, "seed of splits, training and views")
-    device: str = _f("auto", "auto (GPU when available), cpu or cuda")
-    progress: bool = _f(True, "progress bars on terminals")
+    image_size: Optional[int] = flag(None, "resize images to this side")
+    clients: int = flag(3, "simulated clients")
+    alpha: Optional[float] = flag(None, "Dirichlet concentration of a non-IID split (default: IID)")
+    test_fraction: float = flag(0.25, "held-out test fraction")
+    label_fraction: float = flag(0.1, "fraction of each client's images with labels for fine-tuning")
+    patch_size: int = flag(8, "ViT patch size (= encryption block size)")
+    arch: str = flag("vit_tiny_patch16_224", "timm ViT name")
+    depth: int = flag(4, "ViT depth")
+    embed_dim: int = flag(96, "ViT width")
+    num_heads: int = flag(3, "attention heads")
+    out_dim: int = flag(256, "DINO head output size")
+    epochs: int = flag(10, "pretraining epochs")
+    pretrain_lr: float = flag(4e-3, "pretraining peak lr at batch 256 (scaled to batch 64)")
+    finetune_epochs: int = flag(30, "fine-tuning epochs (FedAvg: rounds x local epochs = this)")
+    finetune_lr: float = flag(2e-3, "fine-tuning peak lr at batch 256")
+    local_epochs: int = flag(2, "FedAvg local epochs per round")
+    negpos: bool = flag(True, "negative-positive transform in the encryption")
+    seed: int = flag(0, "seed of splits, training and views")
+    device: str = flag("auto", "auto (GPU when available), cpu or cuda")
+    progress: bool = flag(True, "progress bars on terminals")
 
     @classmethod
     def fast(cls, **changes) -> "DemoConfig":

@@ -9,6 +9,11 @@ _TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optiona
           "Optional[str]": str}
 
 
+def flag(default, help: str, **extra):
+    """A dataclass field that becomes a flag: its default, help text and argparse extras (``choices``, ...)."""
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         extra = dict(f.metadata)

@@ -8,59 +8,55 @@ a faster teacher momentum for runs of hundreds rather than hundreds of thousands
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
-from ..flags import add_dataclass_arguments, dataclass_from_args
-
-
-def _f(default, help: str, **extra):
-    return field(default=default, metadata={"help": help, **extra})
+from ..flags import add_dataclass_arguments, dataclass_from_args, flag
 
 
 @dataclass
 class PretrainConfig:
-    shards: list = _f(None, "shard files uploaded by the clients (same geometry and key fingerprint)", positional=True)
-    out: str = _f("pretrain_out", "output folder: checkpoint.pt, log.jsonl, loss_curve.png")
-    arch: str = _f("vit_tiny_patch16_224", "any timm VisionTransformer name (patch and image size come from "
+    shards: list = flag(None, "shard files uploaded by the clients (same geometry and key fingerprint)", positional=True)
+    out: str = flag("pretrain_out", "output folder: checkpoint.pt, log.jsonl, loss_curve.png")
+    arch: str = flag("vit_tiny_patch16_224", "any timm VisionTransformer name (patch and image size come from "
                                            "the shards)")
-    depth: Optional[int] = _f(None, "override the architecture's depth")
-    embed_dim: Optional[int] = _f(None, "override the embedding width (token mode: must equal the shards' D)")
-    num_heads: Optional[int] = _f(None, "override the number of attention heads")
-    drop_path: float = _f(0.1, "stochastic depth rate of the student")
-    out_dim: int = _f(4096, "DINO head output size K (DINO: 65536; smaller suits small datasets)")
-    head_hidden_dim: int = _f(2048, "DINO head MLP width")
-    head_bottleneck_dim: int = _f(256, "DINO head bottleneck width")
-    head_layers: int = _f(3, "DINO head MLP depth")
-    use_bn_in_head: bool = _f(True, "BatchNorm in the head MLP (needed for short runs to not collapse)")
-    norm_last_layer: bool = _f(True, "freeze the weight-norm gain of the last layer (DINO default)")
-    global_views: int = _f(2, "global masked views (seen by teacher and student)")
-    global_keep: float = _f(0.6, "fraction of patch tokens a global view keeps")
-    local_views: int = _f(8, "local masked views (student only; 0 for none)")
-    local_keep: float = _f(0.25, "fraction of patch tokens a local view keeps")
-    epochs: int = _f(30, "training epochs")
-    batch_size: int = _f(64, "global batch size (split evenly over processes)")
-    lr: float = _f(5e-4, "peak learning rate at batch size 256, scaled linearly with the batch size (DINO)")
-    min_lr: float = _f(1e-6, "final learning rate of the cosine schedule")
-    warmup_epochs: int = _f(3, "linear learning-rate warm-up epochs")
-    weight_decay: float = _f(0.04, "initial weight decay (cosine schedule)")
-    weight_decay_end: float = _f(0.4, "final weight decay")
-    momentum_teacher: float = _f(0.99, "initial teacher EMA momentum, cosine to 1 (DINO: 0.996 for long runs)")
-    teacher_temp: float = _f(0.04, "teacher temperature after warm-up")
-    warmup_teacher_temp: float = _f(0.04, "initial teacher temperature")
-    warmup_teacher_temp_epochs: int = _f(0, "teacher temperature warm-up epochs")
-    student_temp: float = _f(0.1, "student temperature")
-    center_momentum: float = _f(0.9, "EMA momentum of the teacher center")
-    centering: str = _f("ema", "teacher centering", choices=("ema", "sinkhorn_knopp"))
-    clip_grad: float = _f(3.0, "clip the gradient norm to this (0: no clipping)")
-    freeze_last_layer: int = _f(1, "epochs during which the head's last layer is not updated")
-    precision: str = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16", choices=("auto", "fp32",
+    depth: Optional[int] = flag(None, "override the architecture's depth")
+    embed_dim: Optional[int] = flag(None, "override the embedding width (token mode: must equal the shards' D)")
+    num_heads: Optional[int] = flag(None, "override the number of attention heads")
+    drop_path: float = flag(0.1, "stochastic depth rate of the student")
+    out_dim: int = flag(4096, "DINO head output size K (DINO: 65536; smaller suits small datasets)")
+    head_hidden_dim: int = flag(2048, "DINO head MLP width")
+    head_bottleneck_dim: int = flag(256, "DINO head bottleneck width")
+    head_layers: int = flag(3, "DINO head MLP depth")
+    use_bn_in_head: bool = flag(True, "BatchNorm in the head MLP (needed for short runs to not collapse)")
+    norm_last_layer: bool = flag(True, "freeze the weight-norm gain of the last layer (DINO default)")
+    global_views: int = flag(2, "global masked views (seen by teacher and student)")
+    global_keep: float = flag(0.6, "fraction of patch tokens a global view keeps")
+    local_views: int = flag(8, "local masked views (student only; 0 for none)")
+    local_keep: float = flag(0.25, "fraction of patch tokens a local view keeps")
+    epochs: int = flag(30, "training epochs")
+    batch_size: int = flag(64, "global batch size (split evenly over processes)")
+    lr: float = flag(5e-4, "peak learning rate at batch size 256, scaled linearly with the batch size (DINO)")
+    min_lr: float = flag(1e-6, "final learning rate of the cosine schedule")
+    warmup_epochs: int = flag(3, "linear learning-rate warm-up epochs")
+    weight_decay: float = flag(0.04, "initial weight decay (cosine schedule)")
+    weight_decay_end: float = flag(0.4, "final weight decay")
+    momentum_teacher: float = flag(0.99, "initial teacher EMA momentum, cosine to 1 (DINO: 0.996 for long runs)")
+    teacher_temp: float = flag(0.04, "teacher temperature after warm-up")
+    warmup_teacher_temp: float = flag(0.04, "initial teacher temperature")
+    warmup_teacher_temp_epochs: int = flag(0, "teacher temperature warm-up epochs")
+    student_temp: float = flag(0.1, "student temperature")
+    center_momentum: float = flag(0.9, "EMA momentum of the teacher center")
+    centering: str = flag("ema", "teacher centering", choices=("ema", "sinkhorn_knopp"))
+    clip_grad: float = flag(3.0, "clip the gradient norm to this (0: no clipping)")
+    freeze_last_layer: int = flag(1, "epochs during which the head's last layer is not updated")
+    precision: str = flag("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16", choices=("auto", "fp32",
                                                                                                   "bf16"))
-    device: str = _f("auto", "auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
-    seed: int = _f(0, "seed of data order, views and initialisation")
-    log_every: int = _f(10, "log every N steps")
-    resume: bool = _f(False, "continue from OUT/checkpoint.pt (exactly: same result as an uninterrupted run)")
-    progress: bool = _f(True, "tqdm progress bar (on terminals, rank 0)")
+    device: str = flag("auto", "auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    seed: int = flag(0, "seed of data order, views and initialisation")
+    log_every: int = flag(10, "log every N steps")
+    resume: bool = flag(False, "continue from OUT/checkpoint.pt (exactly: same result as an uninterrupted run)")
+    progress: bool = flag(True, "tqdm progress bar (on terminals, rank 0)")
 
     def __post_init__(self):
         if not self.shards:

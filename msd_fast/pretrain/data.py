@@ -58,13 +58,18 @@ class ShardDataset:
         return float(values.mean()), float(values.std().clamp_min(1e-6))
 
 
-def epoch_batches(n_items: int, batch_size: int, epoch: int, seed: int) -> torch.Tensor:
-    """The global batches of one epoch: int64 ``[steps, batch_size]``, a seeded shuffle with the remainder dropped
-    (as DINO's ``drop_last``); the same on every process and on resume."""
+def steps_per_epoch(n_items: int, batch_size: int) -> int:
+    """Global steps in one epoch (the remainder is dropped); ``ValueError`` if not even one batch fits."""
     if n_items < batch_size:
         raise ValueError(f"the shards hold {n_items} items, fewer than one global batch of {batch_size}; "
                          f"lower --batch-size")
+    return n_items // batch_size
+
+
+def epoch_batches(n_items: int, batch_size: int, epoch: int, seed: int) -> torch.Tensor:
+    """The global batches of one epoch: int64 ``[steps, batch_size]``, a seeded shuffle with the remainder dropped
+    (as DINO's ``drop_last``); the same on every process and on resume."""
+    steps = steps_per_epoch(n_items, batch_size)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n_items, generator=generator)
-    steps = n_items // batch_size
     return order[:steps * batch_size].view(steps, batch_size)

@@ -30,7 +30,7 @@ from ..ops.masked_gather import mark_index_range, sample_views
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PretrainConfig
-from .data import ShardDataset, epoch_batches
+from .data import ShardDataset, epoch_batches, steps_per_epoch
 from .model import DINOHead, MaskedSamplingNet, create_backbone
 from .logs import MetricsLog, plot_loss_curve
 from .schedules import cosine_schedule
@@ -108,7 +108,7 @@ class Pretraining:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {self.info.world_size} "
                              f"processes")
         self.local_batch = config.batch_size // self.info.world_size
-        self.steps_per_epoch = len(epoch_batches(len(self.data), config.batch_size, 0, config.seed))
+        self.steps_per_epoch = steps_per_epoch(len(self.data), config.batch_size)
         self.student, self.teacher = build_networks(config, self.data, self.data.input_stats())
         self.student.to(self.info.device)
         self.teacher.to(self.info.device)
