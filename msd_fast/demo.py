@@ -1,17 +1,21 @@
-"""``msd-fast demo``: the single-round pipeline and both baselines on simulated clients, end to end.
+"""``msd-fast demo``: the single-round pipeline and its baselines on simulated clients, over several seeds.
 
-keygen -> each client encodes its images once (a shard) -> the server pretrains on the shards (never the key) ->
-export -> each client decrypts the model exactly and fine-tunes it on a small labelled fraction of its images.
-Baselines with the same supervised budget: fine-tuning only (the same network from random init, same recipe and
-epochs) and supervised FedAvg over the same clients (rounds x local epochs = the fine-tuning epochs). Everything is
-scored on one held-out test set; communication is counted from the actual payloads (shard files, exported model,
-serialised FedAvg weights).
+Per seed: split the data (held-out test set, clients), keygen (one consortium key per report folder), each client
+encodes its images once (a shard) -> the server pretrains on the shards (never the key; a k-NN monitor and collapse
+signals are logged every epoch) -> export -> each client decrypts the model exactly and, for every label fraction,
+fine-tunes it on its labelled images with the shared recipe (:mod:`msd_fast.downstream.training`: fixed steps,
+warm-up, layer-wise decay, label smoothing, selection on a validation split the client holds).
+
+Compared at the same labels and the same optimisation steps: fine-tuning only (the same network from random init),
+supervised FedAvg over the same clients (rounds x local steps = the fine-tuning steps), the frozen features of both
+networks (k-NN and linear probe), a raw-pixel k-NN (the floor) and supervised training on all labels of all clients
+pooled (the upper bound). Everything is scored on one held-out test set per seed, which is never used to select
+anything; communication is counted from the actual payloads. Results are mean ± std over seeds of the mean over
+clients.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import os
 import time
 from typing import Optional
@@ -19,49 +23,96 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .atomic import atomic_write, save_figure, write_text
 from .client import encode_dataset
-from .flags import flag
 from .data import ImageSet, label_fraction_subset, load_dataset, split_clients, train_test_split
 from .downstream import (FedAvgSettings, LabelledSplit, Recipe, build_classifier, fedavg_baseline,
                          finetune_and_evaluate, probe)
-from .downstream.communication import Communication, file_bytes, human_bytes
+from .downstream.communication import Communication, file_bytes
+from .downstream.metrics import classification_metrics
+from .downstream.probe import knn_probabilities
+from .downstream.training import extract_features
+from .flags import flag
 from .keys import Key
+from .ops.patch_encryption import encrypt_patches
 from .pretrain import PretrainConfig, export_backbone, pretrain
-from .pretrain.logs import plot_loss_curve
+from .shards import open_shard
+
+METHODS = ("ms_dino", "random", "fedavg")
 
 
 @dataclasses.dataclass
 class DemoConfig:
-    out: str = flag("demo_out", "report folder (also holds the demo's key, shards, checkpoint and model)")
+    out: str = flag("demo_out", "report folder (also holds the demo's key, shards, checkpoints and models)")
     data: str = flag("synthetic:2400", "labelled data: synthetic[:N], an image folder with class sub-folders, a "
                                      "MedMNIST .npz or a .npy")
-    image_size: Optional[int] = flag(None, "resize images to this side")
+    image_size: Optional[int] = flag(None, "resize images to this side (synthetic: generated at this side, "
+                                           "default 32)")
     clients: int = flag(3, "simulated clients")
     alpha: Optional[float] = flag(None, "Dirichlet concentration of a non-IID split (default: IID)")
     test_fraction: float = flag(0.25, "held-out test fraction")
-    label_fraction: float = flag(0.1, "fraction of each client's images with labels for fine-tuning")
+    label_fractions: str = flag("0.1", "comma-separated fractions of each client's images with labels, e.g. "
+                                       "0.01,0.1,1 (one table block and one point of the sweep plot each)")
+    seeds: int = flag(3, "seeds (splits, pretraining, fine-tuning); results are mean ± std over them")
+    seed: int = flag(0, "first seed")
     patch_size: int = flag(8, "ViT patch size (= encryption block size)")
     arch: str = flag("vit_tiny_patch16_224", "timm ViT name")
     depth: int = flag(4, "ViT depth")
     embed_dim: int = flag(96, "ViT width")
     num_heads: int = flag(3, "attention heads")
     out_dim: int = flag(256, "DINO head output size")
-    epochs: int = flag(10, "pretraining epochs")
-    pretrain_lr: float = flag(4e-3, "pretraining peak lr at batch 256 (scaled to batch 64)")
-    finetune_epochs: int = flag(30, "fine-tuning epochs (FedAvg: rounds x local epochs = this)")
-    finetune_lr: float = flag(2e-3, "fine-tuning peak lr at batch 256")
-    local_epochs: int = flag(2, "FedAvg local epochs per round")
+    epochs: int = flag(20, "pretraining epochs")
+    pretrain_lr: float = flag(4e-3, "pretraining peak lr at batch 256 (scaled to the batch of 64)")
+    teacher_views: str = flag("all", "what the teacher sees: all tokens (MSN-style) or the global views (DINO)",
+                              choices=("all", "global"))
+    global_keep: float = flag(0.6, "fraction of tokens each of the 2 global student views keeps")
+    local_views: int = flag(4, "local student views")
+    local_keep: float = flag(0.25, "fraction of tokens a local view keeps")
+    contrast: float = flag(0.0, "student inputs: random contrast about mid-grey, factor in [1-c, 1+c]")
+    noise: float = flag(0.0, "student inputs: Gaussian noise std as a fraction of the value range")
+    finetune_steps: int = flag(300, "fine-tuning steps (every method; FedAvg: rounds x local steps)")
+    finetune_lr: float = flag(1e-3, "fine-tuning peak learning rate")
+    layer_decay: float = flag(0.75, "layer-wise lr decay of pretrained bodies in fine-tuning (1: off)")
+    fedavg_rounds: int = flag(15, "FedAvg rounds (local steps = fine-tuning steps / rounds)")
+    upper_bound_steps: int = flag(1500, "steps of the all-labels supervised upper bound")
     negpos: bool = flag(True, "negative-positive transform in the encryption")
-    seed: int = flag(0, "seed of splits, training and views")
     device: str = flag("auto", "auto (GPU when available), cpu or cuda")
     progress: bool = flag(True, "progress bars on terminals")
 
+    def __post_init__(self):
+        self.fractions()  # validates
+        for name in ("clients", "seeds", "epochs", "finetune_steps", "fedavg_rounds", "upper_bound_steps",
+                     "patch_size", "depth", "embed_dim", "num_heads", "out_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.finetune_steps < self.fedavg_rounds:
+            raise ValueError(f"--finetune-steps ({self.finetune_steps}) must be >= --fedavg-rounds "
+                             f"({self.fedavg_rounds})")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
+        for name in ("pretrain_lr", "finetune_lr"):
+            if not (np.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(self, name)}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"--alpha must be > 0, got {self.alpha}")
+
+    def fractions(self) -> list[float]:
+        """The label fractions, in the order given."""
+        try:
+            values = [float(v) for v in str(self.label_fractions).split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--label-fractions must be comma-separated numbers, got {self.label_fractions!r}")
+        if not values or any(not 0 < v <= 1 for v in values):
+            raise ValueError(f"--label-fractions must be numbers in (0, 1], got {self.label_fractions!r}")
+        return values
+
     @classmethod
     def fast(cls, **changes) -> "DemoConfig":
-        """A smoke-test configuration (about a minute on two CPU cores)."""
-        small = dict(data="synthetic:360", image_size=32, depth=1, embed_dim=48, num_heads=3, out_dim=64,
-                     epochs=2, finetune_epochs=4, local_epochs=2, label_fraction=0.3)
+        """A smoke-test configuration (well under a minute on two CPU cores; its numbers mean nothing)."""
+        small = dict(data="synthetic:360", image_size=32, depth=1, embed_dim=48, num_heads=3, out_dim=64, epochs=2,
+                     seeds=1, finetune_steps=20, fedavg_rounds=4, upper_bound_steps=20, label_fractions="0.3")
         return cls(**(small | changes))
 
 
@@ -71,79 +122,88 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values))
+@dataclasses.dataclass
+class SeedData:
+    """One seed's split: every image, the test rows, and each client's training rows."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    test: torch.Tensor
+    clients: list[torch.Tensor]
+    n_classes: int
 
 
 class Demo:
     """One demo run; :meth:`run` returns the results dictionary and writes the report folder."""
 
-    STAGES = ("data", "keygen", "encode", "pretrain", "export", "fine-tune", "fedavg", "report")
-
     def __init__(self, config: DemoConfig):
         self.config, self.device = config, _device(config.device)
         self.bar = None
 
-    def stage(self, name: str) -> None:
-        if self.bar is not None:
-            self.bar.set_description(f"demo: {name}")
-            self.bar.update(0 if name == self.STAGES[0] else 1)
-        print(f"[demo] {name}", flush=True)
-
+    # ---- the run ---------------------------------------------------------------------------------------------------
     def run(self) -> dict:
-        config = self.config
-        os.makedirs(config.out, exist_ok=True)
-        if config.progress:
-            from tqdm.auto import tqdm
+        from .demo_report import write_report
 
-            self.bar = tqdm(total=len(self.STAGES) - 1, disable=None, dynamic_ncols=True)
+        config = self.config
         started = time.perf_counter()
-        self.stage("data")
-        images, labels, splits, client_sets = self.prepare_data()
-        self.stage("keygen")
+        dataset = self.load_data()  # bad --data fails here, before anything is written
+        os.makedirs(config.out, exist_ok=True)
         key = self.consortium_key()
-        self.stage("encode")
-        shard_paths = self.encode(client_sets, key)
-        self.stage("pretrain")
-        pretrain_summary = pretrain(self.pretrain_config(shard_paths))
-        self.stage("export")
-        model_path = os.path.join(config.out, "model.safetensors")
-        export_backbone(os.path.join(config.out, "pretrain", "checkpoint.pt"), model_path, overwrite=True)
-        self.stage("fine-tune")
-        per_client = self.finetune(splits, model_path, key)
-        self.stage("fedavg")
-        fed_metrics, fed_traffic = fedavg_baseline(
-            splits, self.random_arch(), self.recipe(),
-            FedAvgSettings(rounds=max(1, config.finetune_epochs // config.local_epochs),
-                           local_epochs=config.local_epochs, seed=config.seed), device=self.device)
-        self.stage("report")
-        ours = Communication(upload_bytes=int(np.mean([file_bytes(p) for p in shard_paths])),
-                             download_bytes=file_bytes(model_path), rounds=1)
-        results = self.results(per_client, fed_metrics, fed_traffic, ours, pretrain_summary,
-                               time.perf_counter() - started)
-        self.write_report(results, images, key)
+        seeds = [config.seed + i for i in range(config.seeds)]
+        per_seed = []
+        self.open_bar(len(seeds) * (3 + len(config.fractions())))
+        for seed in seeds:
+            per_seed.append(self.run_seed(dataset, key, seed))
         if self.bar is not None:
             self.bar.close()
+        results = {"config": dataclasses.asdict(config), "seeds": seeds, "per_seed": per_seed,
+                   "device": str(self.device), "class_names": list(dataset.class_names or []),
+                   "seconds": time.perf_counter() - started}
+        write_report(results, dataset, key, config)
         return results
 
-    # ---- stages ---------------------------------------------------------------------------------------------------
-    def prepare_data(self):
+    def run_seed(self, dataset: ImageSet, key: Key, seed: int) -> dict:
+        folder = os.path.join(self.config.out, f"seed{seed}")
+        os.makedirs(folder, exist_ok=True)
+        data = self.split(dataset, seed)
+        self.stage(f"seed {seed}: encode")
+        shards = self.encode(data, key, folder)
+        self.stage(f"seed {seed}: pretrain")
+        summary = pretrain(self.pretrain_config(shards, folder, seed), monitor=self.knn_monitor(data, shards))
+        model_path = os.path.join(folder, "model.safetensors")
+        export_backbone(os.path.join(folder, "pretrain", "checkpoint.pt"), model_path, overwrite=True)
+        ours = Communication(upload_bytes=int(np.mean([file_bytes(p) for p in shards])),
+                             download_bytes=file_bytes(model_path), rounds=1)
+        self.stage(f"seed {seed}: upper bound")
+        upper = self.upper_bound(data, seed)
+        fractions = {}
+        for fraction in self.config.fractions():
+            self.stage(f"seed {seed}: label fraction {fraction:g}")
+            fractions[str(fraction)] = self.evaluate_fraction(data, model_path, key, seed, fraction, ours)
+        return {"seed": seed, "pretrain_history": summary["history"], "upper_bound": upper, "fractions": fractions}
+
+    # ---- stages ----------------------------------------------------------------------------------------------------
+    def load_data(self) -> ImageSet:
         config = self.config
         size = (config.image_size, config.image_size) if config.image_size else None
+        if size is None and config.data.startswith("synthetic"):
+            size = (32, 32)
         dataset = load_dataset(config.data, size=size)
         if dataset.labels is None:
-            raise ValueError(f"data: the demo needs labelled images, {config.data!r} has no labels")
-        images, labels = dataset.to_tensor(), dataset.labels
-        self._channels, self._image_size = images.shape[1], tuple(images.shape[2:])
-        train, test = train_test_split(labels, config.test_fraction, seed=config.seed)
-        n_classes = int(labels.max()) + 1
-        splits, client_sets = [], []
-        for c, rows in enumerate(split_clients(labels[train], config.clients, alpha=config.alpha, seed=config.seed)):
-            mine = train[rows]
-            client_sets.append(ImageSet(images[mine], labels[mine], dataset.class_names))
-            labelled = mine[label_fraction_subset(labels[mine], config.label_fraction, seed=config.seed + c)]
-            splits.append(LabelledSplit(images[labelled], labels[labelled], images[test], labels[test], n_classes))
-        return images, labels, splits, client_sets
+            raise ValueError(f"--data: the demo needs labelled images, {config.data!r} has no labels")
+        H, W = dataset.geometry[1:]
+        if H % config.patch_size or W % config.patch_size:
+            raise ValueError(f"--patch-size {config.patch_size} does not divide the {H}x{W} images; pass "
+                             f"--image-size (a multiple of {config.patch_size})")
+        return dataset
+
+    def split(self, dataset: ImageSet, seed: int) -> SeedData:
+        config = self.config
+        images, labels = dataset.to_tensor(), torch.as_tensor(dataset.labels).long()
+        train, test = train_test_split(labels, config.test_fraction, seed=seed)
+        clients = [train[rows] for rows in split_clients(labels[train], config.clients, alpha=config.alpha,
+                                                          seed=seed)]
+        return SeedData(images, labels, test, clients, int(labels.max()) + 1)
 
     def consortium_key(self) -> Key:
         path = os.path.join(self.config.out, "consortium.key")
@@ -153,137 +213,121 @@ class Demo:
         key.save(path)
         return key
 
-    def encode(self, client_sets: list[ImageSet], key: Key) -> list[str]:
-        folder = os.path.join(self.config.out, "shards")
-        os.makedirs(folder, exist_ok=True)
+    def encode(self, data: SeedData, key: Key, folder: str) -> list[str]:
+        os.makedirs(os.path.join(folder, "shards"), exist_ok=True)
         paths = []
-        for c, client in enumerate(client_sets):
-            path = os.path.join(folder, f"client{c}.shard")
-            encode_dataset(client, key, path, patch_size=self.config.patch_size, negpos=self.config.negpos,
-                           client=f"client{c}", overwrite=True, progress=False)
+        for c, rows in enumerate(data.clients):
+            path = os.path.join(folder, "shards", f"client{c}.shard")
+            encode_dataset(ImageSet(data.images[rows], data.labels[rows]), key, path,
+                           patch_size=self.config.patch_size, negpos=self.config.negpos, client=f"client{c}",
+                           overwrite=True, progress=False)
             paths.append(path)
         return paths
 
-    def pretrain_config(self, shard_paths: list[str]) -> PretrainConfig:
+    def pretrain_config(self, shards: list[str], folder: str, seed: int) -> PretrainConfig:
         config = self.config
-        return PretrainConfig(shards=shard_paths, out=os.path.join(config.out, "pretrain"), arch=config.arch,
-                              depth=config.depth, embed_dim=config.embed_dim, num_heads=config.num_heads,
-                              drop_path=0.0, out_dim=config.out_dim, head_hidden_dim=512, head_bottleneck_dim=128,
-                              local_views=4, epochs=config.epochs, batch_size=64, lr=config.pretrain_lr,
-                              warmup_epochs=max(1, config.epochs // 10), momentum_teacher=0.99,
-                              seed=config.seed, device=str(self.device) if self.device.type == "cpu" else "auto",
-                              progress=config.progress)
+        return PretrainConfig(
+            shards=shards, out=os.path.join(folder, "pretrain"), arch=config.arch, depth=config.depth,
+            embed_dim=config.embed_dim, num_heads=config.num_heads, drop_path=0.0, out_dim=config.out_dim,
+            head_hidden_dim=512, head_bottleneck_dim=128, global_keep=config.global_keep,
+            local_views=config.local_views, local_keep=config.local_keep, teacher_views=config.teacher_views,
+            contrast=config.contrast, noise=config.noise, epochs=config.epochs, batch_size=64, lr=config.pretrain_lr,
+            warmup_epochs=max(1, config.epochs // 10), momentum_teacher=0.99, seed=seed,
+            device=str(self.device) if self.device.type == "cpu" else "auto", progress=False)
 
-    def random_arch(self) -> dict:
+    def knn_monitor(self, data: SeedData, shards: list[str]):
+        """k-NN accuracy of the teacher's features on the encrypted images, read from the shards: client 0's
+        images with their labels are the memory bank, the other clients' images the queries (the clients would
+        run this on their own labels; the test set is never touched)."""
+        encrypted = [open_shard(path)[:] for path in shards]
+        labels = [data.labels[rows] for rows in data.clients]
+        if len(shards) < 2:  # one client: its first half is the bank
+            half = len(labels[0]) // 2
+            encrypted, labels = [encrypted[0][:half], encrypted[0][half:]], [labels[0][:half], labels[0][half:]]
+
+        def monitor(teacher, epoch: int) -> dict:
+            with torch.no_grad():
+                features = [torch.cat([teacher.features(chunk.to(self.device)).float().cpu()
+                                       for chunk in part.split(256)]) for part in encrypted]
+            scores = knn_probabilities(features[0], labels[0], torch.cat(features[1:]), data.n_classes)
+            return {"monitor_knn": float((scores.argmax(1) == torch.cat(labels[1:])).float().mean())}
+        return monitor
+
+    def random_arch(self, data: SeedData) -> dict:
         config = self.config
         return dict(arch=config.arch, depth=config.depth, embed_dim=config.embed_dim, num_heads=config.num_heads,
-                    patch_size=config.patch_size, in_chans=self._channels, image_size=self._image_size)
+                    patch_size=config.patch_size, in_chans=data.images.shape[1],
+                    image_size=tuple(data.images.shape[2:]))
 
-    def recipe(self) -> Recipe:
-        return Recipe(epochs=self.config.finetune_epochs, lr=self.config.finetune_lr, seed=self.config.seed)
+    def recipe(self, seed: int, steps: Optional[int] = None) -> Recipe:
+        config = self.config
+        steps = steps or config.finetune_steps
+        return Recipe(steps=steps, lr=config.finetune_lr, layer_decay=config.layer_decay,
+                      warmup_steps=max(1, steps // 10), seed=seed)
 
-    def finetune(self, splits: list[LabelledSplit], model_path: str, key: Key) -> dict:
-        results = {"ms_dino": [], "random": [], "knn_ms_dino": [], "knn_random": []}
+    def labelled_splits(self, data: SeedData, seed: int, fraction: float) -> list[LabelledSplit]:
+        splits = []
+        for c, rows in enumerate(data.clients):
+            picked = rows[label_fraction_subset(data.labels[rows], fraction, seed=seed * 1009 + c)]
+            splits.append(LabelledSplit(data.images[picked], data.labels[picked], data.images[data.test],
+                                        data.labels[data.test], data.n_classes))
+        return splits
+
+    def evaluate_fraction(self, data: SeedData, model_path: str, key: Key, seed: int, fraction: float,
+                          ours: Communication) -> dict:
+        """Every method at one label fraction: per-client metrics (fine-tuning, probes, pixel floor) and FedAvg."""
+        splits = self.labelled_splits(data, seed, fraction)
+        per_client = {name: [] for name in ("ms_dino", "random", "knn_ms_dino", "knn_random", "linear_ms_dino",
+                                            "linear_random", "pixel_knn")}
         for c, split in enumerate(splits):
             for name, model in (("ms_dino", model_path), ("random", None)):
-                classifier = build_classifier(split, model=model, key=key, random_arch=self.random_arch(),
-                                              seed=self.config.seed + c)
-                results["knn_" + name].append(probe(classifier, split, device=self.device)["knn"])
-                results[name].append(finetune_and_evaluate(classifier, split, self.recipe(), device=self.device))
-        return results
+                classifier = build_classifier(split, model=model, key=key, random_arch=self.random_arch(data),
+                                              seed=seed * 1009 + c)
+                probes = probe(classifier, split, device=self.device)
+                per_client["knn_" + name].append(probes["knn"])
+                per_client["linear_" + name].append(probes["linear"])
+                per_client[name].append(finetune_and_evaluate(classifier, split, self.recipe(seed * 1009 + c),
+                                                              device=self.device, pretrained=model is not None))
+            per_client["pixel_knn"].append(pixel_knn(split))
+        rounds = self.config.fedavg_rounds
+        fed_metrics, fed_traffic = fedavg_baseline(
+            splits, self.random_arch(data), self.recipe(seed),
+            FedAvgSettings(rounds=rounds, local_steps=max(1, self.config.finetune_steps // rounds), seed=seed),
+            device=self.device)
+        return {"per_client": per_client, "fedavg": fed_metrics, "labelled_per_client": [len(s.train_labels)
+                                                                                          for s in splits],
+                "communication": {"ms_dino": dataclasses.asdict(ours), "random": dataclasses.asdict(
+                    Communication(0, 0, 0)), "fedavg": dataclasses.asdict(fed_traffic)}}
 
-    # ---- results and report ---------------------------------------------------------------------------------------
-    def results(self, per_client: dict, fed_metrics: dict, fed_traffic: Communication, ours: Communication,
-                pretrain_summary: dict, seconds: float) -> dict:
-        def row(method: str, metrics: list[dict], knn: Optional[list[dict]], traffic: Communication) -> dict:
-            out = {"method": method, "upload_bytes": traffic.upload_bytes, "download_bytes": traffic.download_bytes,
-                   "rounds": traffic.rounds}
-            for name in ("accuracy", "balanced_accuracy", "macro_auc"):
-                out[name], out[name + "_std"] = _mean_std([m[name] for m in metrics])
-            out["knn_accuracy"] = _mean_std([m["accuracy"] for m in knn])[0] if knn else None
-            return out
+    def upper_bound(self, data: SeedData, seed: int) -> dict:
+        """Supervised from random init on every client's labelled training images pooled (all labels)."""
+        rows = torch.cat(data.clients)
+        split = LabelledSplit(data.images[rows], data.labels[rows], data.images[data.test], data.labels[data.test],
+                              data.n_classes)
+        classifier = build_classifier(split, model=None, key=None, random_arch=self.random_arch(data), seed=seed)
+        return finetune_and_evaluate(classifier, split, self.recipe(seed, self.config.upper_bound_steps),
+                                     device=self.device)
 
-        config = self.config
-        rounds = max(1, config.finetune_epochs // config.local_epochs)
-        rows = [row("MS-DINO (ours): encrypt once, pretrain, fine-tune", per_client["ms_dino"],
-                    per_client["knn_ms_dino"], ours),
-                row("Fine-tuning only (random init)", per_client["random"], per_client["knn_random"],
-                    Communication(0, 0, 0)),
-                row(f"FedAvg (supervised, {rounds} rounds x {config.local_epochs} local epochs)", [fed_metrics],
-                    None, fed_traffic)]
-        return {"config": dataclasses.asdict(config), "rows": rows, "per_client": per_client,
-                "fedavg": fed_metrics, "pretrain_history": pretrain_summary["history"], "seconds": seconds,
-                "device": str(self.device)}
+    # ---- progress --------------------------------------------------------------------------------------------------
+    def open_bar(self, total: int) -> None:
+        if self.config.progress:
+            from tqdm.auto import tqdm
 
-    def write_report(self, results: dict, images: torch.Tensor, key: Key) -> None:
-        out = self.config.out
-        rows = results["rows"]
-        lines = [f"# msd-fast demo ({self.config.clients} clients, label fraction {self.config.label_fraction}, "
-                 f"seed {self.config.seed}, {results['device']}, {results['seconds'] / 60:.1f} min)", "",
-                 "| method | accuracy | balanced acc. | macro AUC | k-NN acc. | upload / client | download / client "
-                 "| rounds |", "|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            knn = f"{r['knn_accuracy']:.3f}" if r["knn_accuracy"] is not None else "-"
-            lines.append(f"| {r['method']} | {r['accuracy']:.3f} ± {r['accuracy_std']:.3f} | "
-                         f"{r['balanced_accuracy']:.3f} | {r['macro_auc']:.3f} | {knn} | "
-                         f"{human_bytes(r['upload_bytes'])} | {human_bytes(r['download_bytes'])} | {r['rounds']} |")
-        lines += ["", "Accuracy: mean ± std over the clients (each fine-tunes on its own labelled images; FedAvg has "
-                  "one global model). All methods are scored on the same held-out test set."]
-        table = "\n".join(lines) + "\n"
-        write_text(os.path.join(out, "results.md"), table)
-        fields = ["method", "accuracy", "accuracy_std", "balanced_accuracy", "macro_auc", "knn_accuracy",
-                  "upload_bytes", "download_bytes", "rounds"]
-        with atomic_write(os.path.join(out, "results.csv"), "w") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        write_text(os.path.join(out, "results.json"), json.dumps(results, indent=2))
-        plot_loss_curve(os.path.join(out, "pretrain", "log.jsonl"), os.path.join(out, "loss_curve.png"))
-        self.plot_accuracy_vs_communication(rows, os.path.join(out, "accuracy_vs_communication.png"))
-        self.plot_samples(images, key, os.path.join(out, "samples.png"))
-        print(table)
+            self.bar = tqdm(total=total, disable=None, dynamic_ncols=True)
 
-    def plot_accuracy_vs_communication(self, rows: list[dict], path: str) -> None:
-        import matplotlib
+    def stage(self, name: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(f"demo: {name}")
+            self.bar.update(1)
+        print(f"[demo] {name}", flush=True)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        figure, axis = plt.subplots(figsize=(6, 4), dpi=120)
-        for r, marker in zip(rows, "o^s"):
-            megabytes = (r["upload_bytes"] + r["download_bytes"]) / 1e6
-            axis.errorbar(megabytes, r["accuracy"], yerr=r["accuracy_std"], fmt=marker, capsize=3,
-                          label=f"{r['method'].split(':')[0].split(' (')[0]} ({r['rounds']} rounds)")
-        axis.set_xlabel("bytes per client (up + down), MB")
-        axis.set_ylabel("test accuracy")
-        axis.set_title(f"label fraction {self.config.label_fraction}")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-        figure.tight_layout()
-        save_figure(figure, path)
-
-    def plot_samples(self, images: torch.Tensor, key: Key, path: str) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from .ops.patch_encryption import decrypt_patches, encrypt_patches
-
-        picks = images[:4]
-        options = dict(negpos=self.config.negpos, max_value=255.0)
-        encrypted = encrypt_patches(picks, key, self.config.patch_size, **options)
-        decrypted = decrypt_patches(encrypted, key, self.config.patch_size, **options)
-        figure, axes = plt.subplots(3, len(picks), figsize=(2 * len(picks), 6.3), dpi=110)
-        for row, (title, batch) in enumerate((("plain", picks), ("encrypted (server's view)", encrypted),
-                                              ("decrypted (client)", decrypted))):
-            for col in range(len(picks)):
-                axes[row, col].imshow(batch[col].permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0,
-                                      vmax=255)
-                axes[row, col].axis("off")
-            axes[row, 0].set_title(title, loc="left", fontsize=9)
-        figure.tight_layout()
-        save_figure(figure, path)
+def pixel_knn(split: LabelledSplit) -> dict:
+    """The floor: k-NN on the raw pixels (centred cosine, the same k rule as the feature probes)."""
+    train = split.train_images.flatten(1).float()
+    test = split.test_images.flatten(1).float()
+    return classification_metrics(knn_probabilities(train, split.train_labels, test, split.n_classes),
+                                  split.test_labels)
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -295,8 +339,8 @@ def add_demo_arguments(parser) -> None:
     from .flags import add_dataclass_arguments
 
     add_dataclass_arguments(parser, DemoConfig)
-    parser.add_argument("--fast", action="store_true", help="smoke-test sizes (about a minute on a CPU); explicit "
-                                                             "flags are ignored")
+    parser.add_argument("--fast", action="store_true", help="smoke-test sizes (well under a minute on a CPU); other "
+                                                             "flags except --out, --seed, --device are ignored")
 
 
 def run_demo_command(args) -> int:

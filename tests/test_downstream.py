@@ -223,7 +223,7 @@ def test_fedavg_with_two_tiny_clients_trains_and_counts_the_payload(split):
     halves = [(split.train_images[i::2], split.train_labels[i::2]) for i in range(2)]
     init = tiny_classifier()
     model, traffic = fedavg(lambda: copy.deepcopy(init), halves, Recipe(batch_size=16),
-                            FedAvgSettings(rounds=2, local_epochs=1), device=torch.device("cpu"))
+                            FedAvgSettings(rounds=2, local_steps=2), device=torch.device("cpu"))
     assert traffic.upload_bytes == traffic.download_bytes == 2 * state_dict_bytes(model)
     assert traffic.total_bytes == 4 * state_dict_bytes(model) and traffic.rounds == 2
     assert not torch.equal(model.vit.head.weight, init.vit.head.weight)  # it trained
@@ -280,7 +280,7 @@ def test_a_foreign_file_is_not_an_exported_backbone(tmp_path):
 
 
 def test_finetuning_is_reproducible_and_returns_every_metric(exported_backbones, key, split):
-    recipe = Recipe(epochs=1, batch_size=16, seed=3)
+    recipe = Recipe(steps=4, batch_size=16, seed=3)
     runs = []
     for _ in range(2):
         classifier = build_classifier(split, model=exported_backbones["image"], key=key, seed=3)
@@ -289,7 +289,8 @@ def test_finetuning_is_reproducible_and_returns_every_metric(exported_backbones,
         assert not torch.equal(before, classifier.vit.blocks[0].attn.qkv.weight)  # the backbone is fine-tuned
         runs.append((metrics, classifier.state_dict()))
     metrics = runs[0][0]
-    assert set(metrics) == {"accuracy", "balanced_accuracy", "macro_auc", "confusion_matrix", "n"}
+    assert set(metrics) == {"accuracy", "balanced_accuracy", "macro_auc", "confusion_matrix", "n", "selected_step",
+                            "n_val"}
     assert metrics["n"] == 16 and torch.tensor(metrics["confusion_matrix"]).sum() == 16
     assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["balanced_accuracy"] <= 1 and 0 <= metrics["macro_auc"] <= 1
     assert runs[0][0] == runs[1][0]
@@ -297,7 +298,7 @@ def test_finetuning_is_reproducible_and_returns_every_metric(exported_backbones,
         assert torch.equal(value, runs[1][1][name]), name
 
     encrypted = build_classifier(split, model=exported_backbones["image"], key=key, domain="encrypted", seed=3)
-    assert set(finetune_and_evaluate(encrypted, split, Recipe(epochs=1, batch_size=16),
+    assert set(finetune_and_evaluate(encrypted, split, Recipe(steps=4, batch_size=16),
                                      device=torch.device("cpu"))) == set(metrics)
 
 
@@ -323,7 +324,7 @@ def test_token_mode_classifier_runs_the_exported_blocks_on_the_key_embedded_toke
         shuffled = permute_tokens(tokens, key, list(range(6)))
         every = torch.arange(tokens.shape[1]).expand(1, 6, -1)
         torch.testing.assert_close(forward_views(vit, shuffled, every), logits, rtol=1e-5, atol=1e-5)
-    metrics = finetune_and_evaluate(classifier, split, Recipe(epochs=1, batch_size=16), device=torch.device("cpu"))
+    metrics = finetune_and_evaluate(classifier, split, Recipe(steps=4, batch_size=16), device=torch.device("cpu"))
     assert metrics["n"] == 16
 
 

@@ -12,10 +12,11 @@ from msd_fast import Key
 from msd_fast.cli import main
 from msd_fast.data import label_fraction_subset, split_clients, synthetic_dataset, train_test_split
 from msd_fast.downstream import exported_architecture
+from msd_fast.downstream.probe import default_k
 from msd_fast.pretrain.export import read_export_metadata
 
 TINY_ARCH = ["--depth", "1", "--embed-dim", "24", "--num-heads", "2", "--patch-size", "8"]
-FAST = ["--epochs", "1", "--batch-size", "16", "--device", "cpu"]
+FAST = ["--steps", "4", "--batch-size", "16", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_finetune_a_pretrained_backbone_prints_and_writes_the_metrics(exported_b
     assert np.array(metrics["confusion_matrix"]).sum() == 10 and np.array(metrics["confusion_matrix"]).shape == (5, 5)
     assert results["model"]["init"] == "pretrained" and results["model"]["domain"] == "plain"
     assert results["model"]["key_fingerprint"] == key.fingerprint
-    assert results["recipe"]["epochs"] == 1 and results["recipe"]["seed"] == 1
+    assert results["recipe"]["steps"] == 4 and results["recipe"]["seed"] == 1
     # The same command again gives the same numbers (seeded head, data order and flips).
     assert main(["finetune", "--model", exported_backbones["image"], "--key", key_file, "--data", "synthetic:50",
                  "--label-fraction", "0.5", "--seed", "1", "--out", str(tmp_path / "out"), *FAST]) == 0
@@ -99,12 +100,12 @@ def test_probe_a_token_mode_backbone_and_the_random_baseline(exported_backbones,
     assert main(["probe", "--init", "random", "--data", "synthetic:40", "--image-size", "32", *TINY_ARCH,
                  "--out", str(tmp_path / "random"), "--device", "cpu"]) == 0
     results = read_results(tmp_path / "random", "probe.json")
-    assert results["model"]["init"] == "random" and results["k"] == 20  # the default k
+    assert results["model"]["init"] == "random" and results["k"] == default_k(results["data"]["n_train"])  # scaled with the labels
 
 
 def test_fedavg_prints_metrics_and_the_communication_of_the_payload(tmp_path, capsys):
     assert main(["fedavg", "--data", "synthetic:60", "--image-size", "32", *TINY_ARCH, "--clients", "3",
-                 "--alpha", "0.5", "--rounds", "2", "--local-epochs", "1", "--client-fraction", "0.67",
+                 "--alpha", "0.5", "--rounds", "2", "--local-steps", "1", "--client-fraction", "0.67",
                  "--label-fraction", "0.5", "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     results = read_results(tmp_path, "fedavg.json")
@@ -112,7 +113,7 @@ def test_fedavg_prints_metrics_and_the_communication_of_the_payload(tmp_path, ca
     # 2 of 3 clients per round, 2 rounds: 4 transfers each way over 3 clients.
     assert traffic["upload_bytes"] == traffic["download_bytes"] == round(4 / 3 * traffic["model_bytes"])
     assert traffic["rounds"] == 2 and f"{traffic['upload_bytes']:,} bytes" in out and "over 2 rounds" in out
-    assert results["settings"] == {"rounds": 2, "local_epochs": 1, "client_fraction": 0.67, "seed": 0}
+    assert results["settings"] == {"rounds": 2, "local_steps": 1, "client_fraction": 0.67, "seed": 0}
     # The documented pipeline: stratified test split, Dirichlet clients, each client's stratified label fraction.
     labels = synthetic_dataset(60, size=32).labels
     train, _ = train_test_split(labels, 0.2, seed=0)

@@ -34,6 +34,7 @@ from .classifier import DOMAINS, exported_architecture
 from .communication import human_bytes, state_dict_bytes
 from .evaluation import LabelledSplit, build_classifier, fedavg_baseline, finetune_and_evaluate, probe
 from .fedavg import FedAvgSettings
+from .probe import default_k
 from .training import Recipe
 
 DEFAULT_ARCH = "vit_tiny_patch16_224"
@@ -88,15 +89,23 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, pretrained: bool) -
                         help=f"ViT patch size without --model (default {DEFAULT_PATCH_SIZE})")
 
 
-def _add_training_arguments(parser: argparse.ArgumentParser, *, epochs: bool) -> None:
+def _add_training_arguments(parser: argparse.ArgumentParser, *, steps: bool) -> None:
     defaults = Recipe()
-    if epochs:
-        parser.add_argument("--epochs", type=int, default=defaults.epochs,
-                            help=f"fine-tuning epochs (default {defaults.epochs})")
+    if steps:
+        parser.add_argument("--steps", type=int, default=defaults.steps,
+                            help=f"fine-tuning steps, whatever the number of labels (default {defaults.steps})")
+        parser.add_argument("--layer-decay", type=float, default=defaults.layer_decay,
+                            help=f"layer-wise lr decay of a pretrained body (1: off; default {defaults.layer_decay})")
     parser.add_argument("--lr", type=float, default=defaults.lr,
-                        help=f"peak learning rate at batch size 256, scaled linearly (default {defaults.lr})")
+                        help=f"peak learning rate (not scaled with the batch; default {defaults.lr})")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
                         help=f"batch size (default {defaults.batch_size})")
+    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
+                        help=f"labelled images held out to select the step (default {defaults.val_fraction}; 0: "
+                             f"keep the last step)")
+    parser.add_argument("--flips", action=argparse.BooleanOptionalAction, default=defaults.flips,
+                        help="random horizontal/vertical flips (off by default: laterality and orientation can carry "
+                             "the label)")
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,14 +119,15 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--domain", choices=DOMAINS, default=None,
                         help="plain (default): the decrypted model on plain images; encrypted: the model as "
                              "pretrained, on images the classifier encrypts with the key (image mode)")
-    _add_training_arguments(parser, epochs=True)
+    _add_training_arguments(parser, steps=True)
     _add_common_arguments(parser)
 
 
 def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_arguments(parser, pretrained=True)
     _add_data_arguments(parser)
-    parser.add_argument("--k", type=int, default=20, help="neighbours of the k-NN classifier (default 20)")
+    parser.add_argument("--k", type=int, default=None,
+                        help="neighbours of the k-NN classifier (default: sqrt of the labelled images, at most 20)")
     _add_common_arguments(parser)
 
 
@@ -130,11 +140,11 @@ def add_fedavg_arguments(parser: argparse.ArgumentParser) -> None:
                         help="non-IID: Dirichlet concentration over classes (default IID)")
     parser.add_argument("--rounds", type=int, default=defaults.rounds,
                         help=f"communication rounds (default {defaults.rounds})")
-    parser.add_argument("--local-epochs", type=int, default=defaults.local_epochs,
-                        help=f"local epochs per round (default {defaults.local_epochs})")
+    parser.add_argument("--local-steps", type=int, default=defaults.local_steps,
+                        help=f"local optimisation steps per round (default {defaults.local_steps})")
     parser.add_argument("--client-fraction", type=float, default=defaults.client_fraction,
                         help=f"fraction of clients sampled per round (default {defaults.client_fraction})")
-    _add_training_arguments(parser, epochs=False)
+    _add_training_arguments(parser, steps=False)
     _add_common_arguments(parser)
 
 
@@ -309,16 +319,23 @@ def _finish(args: argparse.Namespace, name: str, results: dict) -> None:
 
 # ---- commands ------------------------------------------------------------------------------------------------------
 
+def _recipe(args: argparse.Namespace, **changes) -> Recipe:
+    """The shared recipe from the flags; its own checks name the setting, reported here as the flag."""
+    try:
+        return Recipe(lr=args.lr, batch_size=args.batch_size, val_fraction=args.val_fraction, flips=args.flips,
+                      seed=args.seed, **changes)
+    except ValueError as error:
+        raise ValueError("--" + str(error).replace("_", "-", 1)) from None
+
+
 def run_finetune(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     device = _device(args.device)
-    recipe = Recipe(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    for name in ("epochs", "batch_size"):
-        if getattr(recipe, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(recipe, name)}")
+    recipe = _recipe(args, steps=args.steps, layer_decay=args.layer_decay)
     classifier, split, info, model = _prepare(args)
-    metrics = finetune_and_evaluate(classifier, split, recipe, device=device)
-    print(f"fine-tuned {_describe_model(model)} for {recipe.epochs} epochs on {info['n_train']} labelled images of "
+    metrics = finetune_and_evaluate(classifier, split, recipe, device=device, pretrained=model.get("init") != "random")
+    print(f"fine-tuned {_describe_model(model)} for {recipe.steps} steps (selected step {metrics['selected_step']} on "
+          f"{metrics['n_val']} held-out labelled images) on {info['n_train']} labelled images of "
           f"{info['data']} ({info['n_classes']} classes, label fraction {info['label_fraction']:g}); held-out "
           f"{info['held_out']}: {info['n_test']} images")
     _print_metrics(metrics)
@@ -331,19 +348,20 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def run_probe(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    if args.k < 1:
+    if args.k is not None and args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     device = _device(args.device)
     classifier, split, info, model = _prepare(args)
-    metrics = probe(classifier, split, device=device, k=args.k)
+    k = min(args.k or default_k(len(split.train_labels)), len(split.train_labels))
+    metrics = probe(classifier, split, device=device, k=k)
     print(f"frozen features of {_describe_model(model)}: {info['n_train']} training images of {info['data']} "
           f"({info['n_classes']} classes, label fraction {info['label_fraction']:g}); held-out {info['held_out']}: "
           f"{info['n_test']} images")
-    for name, title in (("knn", f"k-NN (k = {args.k}, cosine)"), ("linear", "linear probe")):
+    for name, title in (("knn", f"k-NN (k = {k}, cosine of centred features)"), ("linear", "linear probe")):
         print(f"  {title}:")
         _print_metrics(metrics[name], indent="    ")
         _print_confusion(metrics[name]["confusion_matrix"], info["class_names"], indent="    ")
-    _finish(args, "probe.json", {"command": "probe", "model": model, "data": info, "k": args.k,
+    _finish(args, "probe.json", {"command": "probe", "model": model, "data": info, "k": k,
                                  "device": str(device), "metrics": metrics,
                                  "seconds": time.perf_counter() - started})
     return 0
@@ -353,11 +371,9 @@ def run_fedavg(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     device = _device(args.device)
     _init(args)
-    settings = FedAvgSettings(rounds=args.rounds, local_epochs=args.local_epochs,
+    settings = FedAvgSettings(rounds=args.rounds, local_steps=args.local_steps,
                               client_fraction=args.client_fraction, seed=args.seed)
-    recipe = Recipe(epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    if recipe.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {recipe.batch_size}")
+    recipe = _recipe(args, steps=args.rounds * args.local_steps)
     metadata = read_export_metadata(args.model) if args.model is not None else None
     _fraction(args.label_fraction, "--label-fraction", closed=True)
     train, test, info = load_labelled_data(args, metadata)
@@ -382,7 +398,7 @@ def run_fedavg(args: argparse.Namespace) -> int:
              "image_size": list(random_arch["image_size"])}
     print(f"FedAvg: {_describe_model(model)}, {args.clients} clients "
           f"({'IID' if args.alpha is None else f'Dirichlet alpha {args.alpha:g}'}; labelled images per client "
-          f"{info['clients']}), {settings.rounds} rounds x {settings.local_epochs} local epochs, client fraction "
+          f"{info['clients']}), {settings.rounds} rounds x {settings.local_steps} local steps, client fraction "
           f"{settings.client_fraction:g}; held-out {info['held_out']}: {info['n_test']} images")
     _print_metrics(metrics)
     _print_confusion(metrics["confusion_matrix"], info["class_names"])

@@ -12,7 +12,7 @@ from .classifier import pretrained_classifier, random_classifier
 from .fedavg import FedAvgSettings, fedavg
 from .metrics import classification_metrics
 from .probe import knn_probabilities, linear_probe_probabilities
-from .training import Recipe, extract_features, predict, standardisation, train_classifier
+from .training import Recipe, extract_features, predict, standardisation, train_classifier, validation_split
 
 
 @dataclasses.dataclass
@@ -42,15 +42,36 @@ def build_classifier(split: LabelledSplit, *, model: Optional[str], key: Optiona
     return random_classifier(arch.pop("arch"), split.n_classes, mean=mean, std=std, seed=seed, **arch)
 
 
-def finetune_and_evaluate(classifier, split: LabelledSplit, recipe: Recipe, *, device: torch.device) -> dict:
-    """Fine-tune ``classifier`` on the split's labelled images; metrics on its test set."""
-    train_classifier(classifier, split.train_images, split.train_labels, recipe, device=device)
+def validation_score(images: torch.Tensor, labels: torch.Tensor, *, device: torch.device):
+    """``score(model)``: accuracy on the client's validation images, minus 1e-3 x their mean cross-entropy (so
+    ties in accuracy go to the more confident model)."""
+    def score(model) -> float:
+        probabilities = predict(model, images, device=device)
+        accuracy = float((probabilities.argmax(1) == labels).float().mean())
+        nll = float(-probabilities[torch.arange(len(labels)), labels].clamp_min(1e-12).log().mean())
+        return accuracy - 1e-3 * nll
+    return score
+
+
+def finetune_and_evaluate(classifier, split: LabelledSplit, recipe: Recipe, *, device: torch.device,
+                          pretrained: bool = False) -> dict:
+    """Fine-tune ``classifier`` on the split's labelled images, selecting the weights on a validation split the
+    client holds out of them (:func:`~msd_fast.downstream.training.validation_split`); metrics on the test set,
+    plus ``selected_step`` and ``n_val``. ``pretrained`` turns on the recipe's layer-wise learning-rate decay."""
+    train_rows, val_rows = validation_split(split.train_labels, recipe.val_fraction, min_val=recipe.min_val,
+                                            seed=recipe.seed)
+    validate = None if val_rows is None else validation_score(split.train_images[val_rows],
+                                                              split.train_labels[val_rows].long(), device=device)
+    info = train_classifier(classifier, split.train_images[train_rows], split.train_labels[train_rows], recipe,
+                            device=device, pretrained=pretrained, validate=validate)
     probabilities = predict(classifier, split.test_images, device=device)
-    return classification_metrics(probabilities, split.test_labels)
+    return {**classification_metrics(probabilities, split.test_labels), "selected_step": info["selected_step"],
+            "n_val": 0 if val_rows is None else len(val_rows)}
 
 
-def probe(classifier, split: LabelledSplit, *, device: torch.device, k: int = 20) -> dict:
-    """k-NN (cosine, ``k``) and linear-probe metrics on the frozen features of ``classifier``'s backbone."""
+def probe(classifier, split: LabelledSplit, *, device: torch.device, k: Optional[int] = None) -> dict:
+    """k-NN (cosine of centred features, ``k`` default scaled with the labels) and linear-probe metrics on the
+    frozen features of ``classifier``'s backbone."""
     train = extract_features(classifier, split.train_images, device=device)
     test = extract_features(classifier, split.test_images, device=device)
     knn = knn_probabilities(train, split.train_labels, test, split.n_classes, k=k)
@@ -61,16 +82,27 @@ def probe(classifier, split: LabelledSplit, *, device: torch.device, k: int = 20
 
 def fedavg_baseline(splits: list[LabelledSplit], random_arch: dict, recipe: Recipe, settings: FedAvgSettings, *,
                     device: torch.device, on_round=None) -> tuple[dict, object]:
-    """Supervised FedAvg over the clients' labelled images (plain domain); metrics of the global model on the
-    (shared) test set of the first split, and the per-client communication."""
+    """Supervised FedAvg over the clients' labelled images (plain domain). Each client holds out the same
+    validation split as in fine-tuning; the round whose global model scores best on the clients' pooled validation
+    images is kept. Metrics of that model on the (shared) test set of the first split, and the per-client
+    communication."""
     mean, std = standardisation(torch.cat([s.train_images for s in splits]))
+    clients, val_images, val_labels = [], [], []
+    for split in splits:
+        train_rows, val_rows = validation_split(split.train_labels, recipe.val_fraction, min_val=recipe.min_val,
+                                                seed=recipe.seed)
+        clients.append((split.train_images[train_rows], split.train_labels[train_rows]))
+        if val_rows is not None:
+            val_images.append(split.train_images[val_rows])
+            val_labels.append(split.train_labels[val_rows].long())
+    validate = (validation_score(torch.cat(val_images), torch.cat(val_labels), device=device)
+                if val_images else None)
 
     def factory():
         arch = dict(random_arch)
         return random_classifier(arch.pop("arch"), splits[0].n_classes, mean=mean, std=std, seed=settings.seed,
                                  **arch)
 
-    model, traffic = fedavg(factory, [(s.train_images, s.train_labels) for s in splits], recipe, settings,
-                            device=device, on_round=on_round)
+    model, traffic = fedavg(factory, clients, recipe, settings, device=device, on_round=on_round, validate=validate)
     probabilities = predict(model, splits[0].test_images, device=device)
     return classification_metrics(probabilities, splits[0].test_labels), traffic

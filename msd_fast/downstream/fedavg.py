@@ -49,15 +49,16 @@ def weighted_average(states: Sequence[dict], weights: Sequence[float]) -> dict:
 @dataclasses.dataclass
 class FedAvgSettings:
     """``rounds`` of FedAvg; each round ``max(1, round(client_fraction * n_clients))`` clients (drawn with ``seed``)
-    train ``local_epochs`` epochs each."""
+    train ``local_steps`` optimisation steps each (rounds x local steps = the fine-tuning steps: the same
+    optimisation per client as fine-tuning)."""
 
-    rounds: int = 20
-    local_epochs: int = 1
+    rounds: int = 15
+    local_steps: int = 20
     client_fraction: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("rounds", "local_epochs"):
+        for name in ("rounds", "local_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -67,11 +68,14 @@ class FedAvgSettings:
 
 def fedavg(model_factory: Callable[[], nn.Module], clients: Sequence[tuple[torch.Tensor, torch.Tensor]],
            recipe: Recipe, settings: FedAvgSettings, *, device: torch.device,
-           on_round: Callable[[int], None] | None = None) -> tuple[nn.Module, Communication]:
+           on_round: Callable[[int], None] | None = None,
+           validate: Callable[[nn.Module], float] | None = None) -> tuple[nn.Module, Communication]:
     """Train a global model with FedAvg on ``clients`` (``(images uint8 [n_i, C, H, W], labels [n_i])`` each).
 
-    Returns the global model and the per-client communication (averaged over clients: every sampled client
-    downloads the global model and uploads its update once per round it takes part in).
+    ``validate(model) -> score`` (the clients' validation accuracy of the global model, higher is better), after
+    each round, selects the round whose global model is returned. Returns the global model and the per-client
+    communication (averaged over clients: every sampled client downloads the global model and uploads its update
+    once per round it takes part in; all rounds are counted, whichever is selected).
     """
     if not clients:
         raise ValueError("clients: FedAvg needs at least one client")
@@ -81,10 +85,9 @@ def fedavg(model_factory: Callable[[], nn.Module], clients: Sequence[tuple[torch
     payload = state_dict_bytes(global_model)
     per_round = max(1, round(settings.client_fraction * len(clients)))
     rng = np.random.Generator(np.random.PCG64(settings.seed))
-    largest = max(len(images) for images, _ in clients)
-    steps_per_round = settings.local_epochs * math.ceil(largest / recipe.batch_size)
-    total_steps = settings.rounds * steps_per_round
+    total_steps = settings.rounds * settings.local_steps
     participations = np.zeros(len(clients), dtype=np.int64)
+    best_score, best_state = -math.inf, None
     for round_index in range(settings.rounds):
         chosen = np.sort(rng.choice(len(clients), size=per_round, replace=False))
         states, weights = [], []
@@ -92,14 +95,20 @@ def fedavg(model_factory: Callable[[], nn.Module], clients: Sequence[tuple[torch
             images, labels = clients[client]
             local = copy.deepcopy(global_model)
             local_recipe = dataclasses.replace(recipe, seed=recipe.seed + 1000 * round_index + int(client))
-            train_classifier(local, images, labels, local_recipe, device=device, epochs=settings.local_epochs,
-                             lr_offset_step=round_index * steps_per_round, total_steps=total_steps)
+            train_classifier(local, images, labels, local_recipe, device=device, steps=settings.local_steps,
+                             schedule_offset=round_index * settings.local_steps, schedule_total=total_steps)
             states.append({k: v.detach().cpu() for k, v in local.state_dict().items()})
             weights.append(len(images))
             participations[client] += 1
         global_model.load_state_dict(weighted_average(states, weights))
+        if validate is not None:
+            score = validate(global_model)
+            if score > best_score:
+                best_score, best_state = score, copy.deepcopy(global_model.state_dict())
         if on_round is not None:
             on_round(round_index)
+    if best_state is not None:
+        global_model.load_state_dict(best_state)
     mean_participation = float(participations.mean())
     traffic = Communication(upload_bytes=int(round(mean_participation * payload)),
                             download_bytes=int(round(mean_participation * payload)), rounds=settings.rounds)

@@ -34,6 +34,11 @@ class PretrainConfig:
     global_keep: float = flag(0.6, "fraction of patch tokens a global view keeps")
     local_views: int = flag(8, "local masked views (student only; 0 for none)")
     local_keep: float = flag(0.25, "fraction of patch tokens a local view keeps")
+    teacher_views: str = flag("global", "what the teacher sees: the global views (DINO) or all tokens (MSN-style)",
+                              choices=("global", "all"))
+    contrast: float = flag(0.0, "student inputs: contrast scaled about mid-grey by a random factor in [1-c, 1+c] "
+                                "per image (commutes with the encryption)")
+    noise: float = flag(0.0, "student inputs: i.i.d. Gaussian noise, std as a fraction of the value range")
     epochs: int = flag(30, "training epochs")
     batch_size: int = flag(64, "global batch size (split evenly over processes)")
     lr: float = flag(5e-4, "peak learning rate at batch size 256, scaled linearly with the batch size (DINO)")

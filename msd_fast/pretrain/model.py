@@ -7,7 +7,7 @@ features -> :class:`DINOHead` logits, all views concatenated view-major. Wrappin
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import timm
 import torch
@@ -16,6 +16,7 @@ import torch.distributed.nn.functional as dist_nn
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ..ops.masked_gather import mark_index_range
 from ..vit import forward_views
 
 
@@ -132,7 +133,17 @@ class MaskedSamplingNet(nn.Module):
         tokens = self.backbone.patch_embed(x)
         return tokens.flatten(1, 2) if tokens.dim() == 4 else tokens
 
-    def forward(self, inputs: torch.Tensor, views: Sequence[torch.Tensor]) -> torch.Tensor:
+    def all_tokens(self, batch_size: int, num_tokens: int, device) -> torch.Tensor:
+        """The view that keeps every token: ``[1, batch_size, num_tokens]``, marked in range."""
+        every = torch.arange(num_tokens, device=device).expand(1, batch_size, num_tokens)
+        return mark_index_range(every, num_tokens)
+
+    def features(self, inputs: torch.Tensor, views: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        """Class-token features of the backbone ``[sum_i V_i * B, D]`` on ``views`` (default: all tokens)."""
         tokens = self.tokens(inputs)
-        features = torch.cat([forward_views(self.backbone, tokens, idx, backend=self.backend) for idx in views])
-        return self.head(features).float()
+        if views is None:
+            views = [self.all_tokens(tokens.shape[0], tokens.shape[1], tokens.device)]
+        return torch.cat([forward_views(self.backbone, tokens, idx, backend=self.backend) for idx in views])
+
+    def forward(self, inputs: torch.Tensor, views: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.head(self.features(inputs, views)).float()

@@ -18,7 +18,7 @@ import hashlib
 import math
 import os
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -33,9 +33,11 @@ from .config import PretrainConfig
 from .data import ShardDataset, epoch_batches, steps_per_epoch
 from .model import DINOHead, MaskedSamplingNet, create_backbone
 from .logs import MetricsLog, plot_loss_curve
+from .monitor import collapse_signals
 from .schedules import cosine_schedule
 
 CHECKPOINT_NAME = "checkpoint.pt"
+SIGNAL_SAMPLE = 512  # items of the shards the collapse signals are measured on, evenly spaced
 
 
 def derived_seed(*parts: int) -> int:
@@ -95,10 +97,14 @@ def _comparable(config: dict) -> dict:
 
 
 class Pretraining:
-    """One pretraining run: networks, optimiser, schedules and state; :meth:`run` trains to the last epoch."""
+    """One pretraining run: networks, optimiser, schedules and state; :meth:`run` trains to the last epoch.
 
-    def __init__(self, config: PretrainConfig):
-        self.config = config
+    ``monitor(teacher, epoch) -> dict`` (optional, main process) is called after every epoch; its values are
+    logged with the epoch's collapse signals (:func:`~msd_fast.pretrain.monitor.collapse_signals`). The demo uses
+    it for a k-NN accuracy on labelled images that the simulated clients hold."""
+
+    def __init__(self, config: PretrainConfig, monitor: Optional[Callable[[MaskedSamplingNet, int], dict]] = None):
+        self.config, self.monitor = config, monitor
         self.info = distributed.setup(config.device)
         self.data = ShardDataset.open(config.shards)
         meta = self.data.metadata
@@ -176,9 +182,13 @@ class Pretraining:
         torch.manual_seed(derived_seed(config.seed, 0xD50, step, self.info.rank))  # stochastic depth
         views = self.views(step)
         with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            student_out = self.student_ddp(inputs, views)
+            student_out = self.student_ddp(self.augment(inputs, step), views)
             with torch.no_grad():
-                teacher_out = self.teacher(inputs, views[:1])
+                if config.teacher_views == "all":
+                    every = self.teacher.all_tokens(inputs.shape[0], self.num_tokens, inputs.device)
+                    teacher_out = self.teacher(inputs, [every]).repeat(config.global_views, 1)
+                else:
+                    teacher_out = self.teacher(inputs, views[:1])
         loss = self.loss(student_out.float(), teacher_out.float(), epoch)
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -193,6 +203,22 @@ class Pretraining:
         self.optimizer.step()
         self.update_teacher(step)
         return value
+
+    def augment(self, inputs: torch.Tensor, step: int) -> torch.Tensor:
+        """The student's inputs: contrast about mid-grey and Gaussian noise (both commute with the encryption)."""
+        config = self.config
+        if self.data.metadata.mode == "token" or (config.contrast == 0 and config.noise == 0):
+            return inputs
+        top = float(self.data.metadata.encryption.get("max_value") or 255.0)
+        generator = torch.Generator().manual_seed(derived_seed(config.seed, 0xA06, step))
+        first = self.info.rank * self.local_batch
+        scale = 1 + config.contrast * (2 * torch.rand(config.batch_size, generator=generator) - 1)
+        scale = scale[first:first + self.local_batch].view(-1, 1, 1, 1).to(inputs.device)
+        x = (inputs.float() - top / 2) * scale + top / 2
+        if config.noise:
+            noise = torch.randn((config.batch_size, *inputs.shape[1:]), generator=generator)
+            x = x + (noise[first:first + self.local_batch] * (config.noise * top)).to(inputs.device)
+        return x
 
     @torch.no_grad()
     def update_teacher(self, step: int) -> None:
@@ -237,6 +263,7 @@ class Pretraining:
             self.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "seconds": seconds,
                                  "images_per_s": self.steps_per_epoch * config.batch_size / seconds})
             if info.is_main:
+                self.history[-1].update(self.epoch_signals(epoch))
                 save_checkpoint(self.state(epoch + 1), self.checkpoint_path)
                 self.log.write(event="epoch", **self.history[-1])
                 plot_loss_curve(self.log.path, os.path.join(config.out, "loss_curve.png"))
@@ -252,6 +279,16 @@ class Pretraining:
             self.log.close()
         return summary
 
+    def epoch_signals(self, epoch: int) -> dict:
+        """Collapse signals of the teacher on a fixed sample of the shards, plus the monitor's values."""
+        picks = torch.linspace(0, len(self.data) - 1, min(len(self.data), SIGNAL_SAMPLE)).round().long().unique()
+        inputs = self.data.take(picks).to(self.info.device)
+        signals = collapse_signals(self.teacher, inputs, self.loss.center,
+                                   float(self.loss.teacher_temp_schedule[epoch]))
+        if self.monitor is not None:
+            signals.update(self.monitor(self.teacher, epoch))
+        return signals
+
     def _progress_bar(self):
         if not (self.config.progress and self.info.is_main):
             return None
@@ -262,10 +299,11 @@ class Pretraining:
                     disable=None, dynamic_ncols=True)
 
 
-def pretrain(config: PretrainConfig) -> dict:
-    """Run (or resume) pretraining; returns a summary (per-epoch loss and speed, checkpoint path). Call it once per
-    process (``torchrun`` sets the process group up through the environment)."""
-    run = Pretraining(config)
+def pretrain(config: PretrainConfig, monitor: Optional[Callable[[MaskedSamplingNet, int], dict]] = None) -> dict:
+    """Run (or resume) pretraining; returns a summary (per-epoch loss, speed and collapse signals, checkpoint path).
+    Call it once per process (``torchrun`` sets the process group up through the environment). ``monitor``: see
+    :class:`Pretraining`."""
+    run = Pretraining(config, monitor)
     try:
         return run.run()
     finally:
