@@ -74,6 +74,12 @@ class PretrainConfig:
         for name in ("global_keep", "local_keep"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.teacher_views not in ("global", "all"):
+            raise ValueError(f"teacher_views must be 'global' or 'all', got {self.teacher_views!r}")
+        if not 0 <= self.contrast < 1:
+            raise ValueError(f"contrast must be in [0, 1), got {self.contrast}")
+        if not 0 <= self.noise <= 1:
+            raise ValueError(f"noise must be in [0, 1], got {self.noise}")
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
 

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..dino import DINOLoss
 from ..ops.masked_gather import mark_index_range, sample_views
 from . import distributed
+from .augment import commuting_augmentation
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PretrainConfig
 from .data import ShardDataset, epoch_batches, steps_per_epoch
@@ -37,6 +38,7 @@ from .monitor import collapse_signals
 from .schedules import cosine_schedule
 
 CHECKPOINT_NAME = "checkpoint.pt"
+SEED_AUGMENT = 0xA06  # seed domain of the student's input augmentation
 SIGNAL_SAMPLE = 512  # items of the shards the collapse signals are measured on, evenly spaced
 
 
@@ -205,20 +207,16 @@ class Pretraining:
         return value
 
     def augment(self, inputs: torch.Tensor, step: int) -> torch.Tensor:
-        """The student's inputs: contrast about mid-grey and Gaussian noise (both commute with the encryption)."""
+        """The student's inputs: contrast about mid-grey and Gaussian noise, which commute with the encryption
+        (:mod:`~msd_fast.pretrain.augment`); token shards and zero strengths pass through unchanged."""
         config = self.config
         if self.data.metadata.mode == "token" or (config.contrast == 0 and config.noise == 0):
             return inputs
-        top = float(self.data.metadata.encryption.get("max_value") or 255.0)
-        generator = torch.Generator().manual_seed(derived_seed(config.seed, 0xA06, step))
-        first = self.info.rank * self.local_batch
-        scale = 1 + config.contrast * (2 * torch.rand(config.batch_size, generator=generator) - 1)
-        scale = scale[first:first + self.local_batch].view(-1, 1, 1, 1).to(inputs.device)
-        x = (inputs.float() - top / 2) * scale + top / 2
-        if config.noise:
-            noise = torch.randn((config.batch_size, *inputs.shape[1:]), generator=generator)
-            x = x + (noise[first:first + self.local_batch] * (config.noise * top)).to(inputs.device)
-        return x
+        generator = torch.Generator().manual_seed(derived_seed(config.seed, SEED_AUGMENT, step))
+        return commuting_augmentation(inputs, contrast=config.contrast, noise=config.noise,
+                                      max_value=float(self.data.metadata.encryption.get("max_value") or 255.0),
+                                      generator=generator, global_batch=config.batch_size,
+                                      first=self.info.rank * self.local_batch)
 
     @torch.no_grad()
     def update_teacher(self, step: int) -> None:
