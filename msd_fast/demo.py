@@ -76,6 +76,8 @@ class DemoConfig:
     upper_bound_steps: int = flag(1500, "steps of the all-labels supervised upper bound")
     negpos: bool = flag(True, "negative-positive transform in the encryption")
     device: str = flag("auto", "auto (GPU when available), cpu or cuda")
+    workers: int = flag(0, "seeds run in parallel processes (0: auto = one per CPU core, up to --seeds, on a CPU; "
+                           "1 on a GPU)")
     progress: bool = flag(True, "progress bars on terminals")
 
     def __post_init__(self):
@@ -95,6 +97,8 @@ class DemoConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(self, name)}")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"--workers must be an integer >= 0, got {self.workers!r}")
         if self.alpha is not None and not self.alpha > 0:
             raise ValueError(f"--alpha must be > 0, got {self.alpha}")
 
@@ -150,17 +154,39 @@ class Demo:
         os.makedirs(config.out, exist_ok=True)
         key = self.consortium_key()
         seeds = [config.seed + i for i in range(config.seeds)]
-        per_seed = []
-        self.open_bar(len(seeds) * (3 + len(config.fractions())))
-        for seed in seeds:
-            per_seed.append(self.run_seed(dataset, key, seed))
-        if self.bar is not None:
-            self.bar.close()
+        workers = self.workers(len(seeds))
+        if workers > 1:
+            per_seed = self.run_parallel(seeds, workers)
+        else:
+            self.open_bar(len(seeds) * (3 + len(config.fractions())))
+            per_seed = [self.run_seed(dataset, key, seed) for seed in seeds]
+            if self.bar is not None:
+                self.bar.close()
         results = {"config": dataclasses.asdict(config), "seeds": seeds, "per_seed": per_seed,
                    "device": str(self.device), "class_names": list(dataset.class_names or []),
                    "seconds": time.perf_counter() - started}
         write_report(results, dataset, key, config)
         return results
+
+    def workers(self, n_seeds: int) -> int:
+        if self.config.workers:
+            return min(self.config.workers, n_seeds)
+        if self.device.type != "cpu":
+            return 1
+        return max(1, min(n_seeds, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                          else os.cpu_count() or 1))
+
+    def run_parallel(self, seeds: list[int], workers: int) -> list[dict]:
+        """Seeds in ``workers`` spawned processes, each with an equal share of the CPU threads (many small ops
+        scale better over processes than over threads); results come back in seed order."""
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, torch.get_num_threads() // workers)
+        print(f"[demo] {len(seeds)} seeds in {workers} processes x {threads} thread(s)", flush=True)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            return list(pool.map(_run_seed_in_worker, [self.config] * len(seeds), seeds))
 
     def run_seed(self, dataset: ImageSet, key: Key, seed: int) -> dict:
         folder = os.path.join(self.config.out, f"seed{seed}")
@@ -320,6 +346,13 @@ class Demo:
             self.bar.set_description(f"demo: {name}")
             self.bar.update(1)
         print(f"[demo] {name}", flush=True)
+
+
+def _run_seed_in_worker(config: DemoConfig, seed: int) -> dict:
+    """One seed in a worker process: the data is loaded again (deterministic) and the key read from the report
+    folder, so nothing secret crosses the process boundary."""
+    demo = Demo(dataclasses.replace(config, progress=False))
+    return demo.run_seed(demo.load_data(), Key.load(os.path.join(config.out, "consortium.key")), seed)
 
 
 def pixel_knn(split: LabelledSplit) -> dict:

@@ -36,14 +36,13 @@ def knn_probabilities(train_features: torch.Tensor, train_labels: torch.Tensor, 
     return votes / votes.sum(dim=1, keepdim=True)
 
 
-def linear_probe_probabilities(train_features: torch.Tensor, train_labels: torch.Tensor,
-                               test_features: torch.Tensor, n_classes: int, *, weight_decay: float = 1e-3,
-                               iterations: int = 200) -> torch.Tensor:
-    """``[n_test, n_classes]`` softmax probabilities of a logistic regression fitted on the training features
-    (standardised with the training mean/std, L2 penalty ``weight_decay``), deterministic."""
-    mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-6)
-    train = ((train_features - mean) / std).double()
-    test = ((test_features - mean) / std).double()
+def fit_linear_classifier(train_features: torch.Tensor, train_labels: torch.Tensor, n_classes: int, *,
+                          weight_decay: float = 1e-3, iterations: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression on the features standardised with their mean/std (L2 penalty
+    ``weight_decay``, full-batch L-BFGS from zero, deterministic); returns ``(weight [n_classes, D], bias
+    [n_classes])`` in float64 acting on the *raw* features (the standardisation folded in)."""
+    mean, std = train_features.double().mean(0), train_features.double().std(0).nan_to_num(1.0).clamp_min(1e-6)
+    train = (train_features.double() - mean) / std
     layer = nn.Linear(train.shape[1], n_classes).double()
     nn.init.zeros_(layer.weight)
     nn.init.zeros_(layer.bias)
@@ -58,4 +57,14 @@ def linear_probe_probabilities(train_features: torch.Tensor, train_labels: torch
 
     optimizer.step(closure)
     with torch.no_grad():
-        return layer(test).softmax(dim=1).float()
+        weight = layer.weight / std
+        return weight, layer.bias - weight @ mean
+
+
+def linear_probe_probabilities(train_features: torch.Tensor, train_labels: torch.Tensor,
+                               test_features: torch.Tensor, n_classes: int, *, weight_decay: float = 1e-3,
+                               iterations: int = 200) -> torch.Tensor:
+    """``[n_test, n_classes]`` softmax probabilities of :func:`fit_linear_classifier` on the test features."""
+    weight, bias = fit_linear_classifier(train_features, train_labels, n_classes, weight_decay=weight_decay,
+                                         iterations=iterations)
+    return (test_features.double() @ weight.T + bias).softmax(dim=1).float()

@@ -28,7 +28,10 @@ class Recipe:
     scaling); ``layer_decay`` < 1 scales block ``i`` of a pretrained body by ``layer_decay ** (depth - i)`` and its
     embeddings by ``layer_decay ** (depth + 1)`` (1: off; random-init bodies always use 1); ``val_fraction`` of the
     labelled images (stratified) is held out for model selection every ``eval_every`` steps when at least
-    ``min_val`` images would be held out, else the last step is kept."""
+    ``min_val`` images would be held out, else the last step is kept. ``probe_init``: start from a linear probe
+    (the head fitted on the frozen features, then every weight fine-tuned: LP-FT, Kumar et al. 2022), so that the
+    first steps do not distort pretrained features through a random head; the probe itself (step 0) is a
+    candidate of the selection."""
 
     steps: int = 300
     batch_size: int = 32
@@ -39,6 +42,7 @@ class Recipe:
     layer_decay: float = 0.75
     label_smoothing: float = 0.1
     flips: bool = False
+    probe_init: bool = True
     val_fraction: float = 0.2
     min_val: int = 5
     eval_every: int = 25
@@ -168,6 +172,11 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         if score > best["score"]:
             best.update(score=score, step=step, state=copy.deepcopy(model.state_dict()))
 
+    if recipe.probe_init and hasattr(model, "features") and schedule_offset == 0:
+        fit_head(model, images, labels, device=device)
+        if validate is not None:
+            select(0)
+
     for step in range(steps):
         if cursor + batch_size > len(images):
             order, cursor = torch.randperm(len(images), generator=generator), 0
@@ -189,6 +198,20 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         model.load_state_dict(best["state"])
     return {"steps": steps, "selected_step": best["step"],
             "val_score": None if validate is None else float(best["score"])}
+
+
+@torch.no_grad()
+def fit_head(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, device: torch.device) -> None:
+    """Set the classifier's linear head (``model.vit.head``) to a logistic regression on the frozen features of
+    ``images`` (:func:`~msd_fast.downstream.probe.fit_linear_classifier`)."""
+    from .probe import fit_linear_classifier
+
+    head = model.vit.head
+    features = extract_features(model, images, device=device)
+    weight, bias = fit_linear_classifier(features, labels, head.out_features)
+    head.weight.copy_(weight.to(head.weight))
+    head.bias.copy_(bias.to(head.bias))
+    model.train()
 
 
 @torch.no_grad()
