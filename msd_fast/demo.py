@@ -76,8 +76,8 @@ class DemoConfig:
     upper_bound_steps: int = flag(1500, "steps of the all-labels supervised upper bound")
     negpos: bool = flag(True, "negative-positive transform in the encryption")
     device: str = flag("auto", "auto (GPU when available), cpu or cuda")
-    workers: int = flag(0, "seeds run in parallel processes (0: auto = one per CPU core, up to --seeds, on a CPU; "
-                           "1 on a GPU)")
+    workers: int = flag(0, "seeds run in parallel processes (0: auto = every seed at once, up to twice the CPU "
+                           "cores, on a CPU; 1 on a GPU)")
     progress: bool = flag(True, "progress bars on terminals")
 
     def __post_init__(self):
@@ -173,8 +173,8 @@ class Demo:
             return min(self.config.workers, n_seeds)
         if self.device.type != "cpu":
             return 1
-        return max(1, min(n_seeds, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                          else os.cpu_count() or 1))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, min(n_seeds, 2 * cores))  # single-thread processes: more seeds than cores still fill them
 
     def run_parallel(self, seeds: list[int], workers: int) -> list[dict]:
         """Seeds in ``workers`` spawned processes, each with an equal share of the CPU threads (many small ops
@@ -219,8 +219,13 @@ class Demo:
             raise ValueError(f"--data: the demo needs labelled images, {config.data!r} has no labels")
         H, W = dataset.geometry[1:]
         if H % config.patch_size or W % config.patch_size:
-            raise ValueError(f"--patch-size {config.patch_size} does not divide the {H}x{W} images; pass "
-                             f"--image-size (a multiple of {config.patch_size})")
+            if size is not None:
+                raise ValueError(f"--patch-size {config.patch_size} does not divide --image-size {H}x{W}")
+            p = config.patch_size
+            size = (-(-H // p) * p, -(-W // p) * p)  # up to the next multiple of the patch size
+            print(f"[demo] resizing the {H}x{W} images to {size[0]}x{size[1]} (a multiple of --patch-size {p}; "
+                  f"--image-size sets it)", flush=True)
+            dataset = load_dataset(config.data, size=size)
         return dataset
 
     def split(self, dataset: ImageSet, seed: int) -> SeedData:
