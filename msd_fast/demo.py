@@ -61,7 +61,8 @@ class DemoConfig:
     num_heads: int = flag(3, "attention heads")
     out_dim: int = flag(256, "DINO head output size")
     epochs: int = flag(20, "pretraining epochs")
-    pretrain_lr: float = flag(4e-3, "pretraining peak lr at batch 256 (scaled to the batch of 64)")
+    pretrain_batch_size: int = flag(32, "pretraining batch size (small data needs updates more than large batches)")
+    pretrain_lr: float = flag(4e-3, "pretraining peak lr at batch 256 (scaled linearly to the batch size)")
     teacher_views: str = flag("all", "what the teacher sees: all tokens (MSN-style) or the global views (DINO)",
                               choices=("all", "global"))
     global_keep: float = flag(0.6, "fraction of tokens each of the 2 global student views keeps")
@@ -83,7 +84,7 @@ class DemoConfig:
     def __post_init__(self):
         self.fractions()  # validates
         for name in ("clients", "seeds", "epochs", "finetune_steps", "fedavg_rounds", "upper_bound_steps",
-                     "patch_size", "depth", "embed_dim", "num_heads", "out_dim"):
+                     "patch_size", "depth", "embed_dim", "num_heads", "out_dim", "pretrain_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -116,6 +117,7 @@ class DemoConfig:
     def fast(cls, **changes) -> "DemoConfig":
         """A smoke-test configuration (well under a minute on two CPU cores; its numbers mean nothing)."""
         small = dict(data="synthetic:360", image_size=32, depth=1, embed_dim=48, num_heads=3, out_dim=64, epochs=2,
+                     pretrain_batch_size=64,
                      seeds=1, finetune_steps=20, fedavg_rounds=4, upper_bound_steps=20, label_fractions="0.3")
         return cls(**(small | changes))
 
@@ -262,7 +264,8 @@ class Demo:
             embed_dim=config.embed_dim, num_heads=config.num_heads, drop_path=0.0, out_dim=config.out_dim,
             head_hidden_dim=512, head_bottleneck_dim=128, global_keep=config.global_keep,
             local_views=config.local_views, local_keep=config.local_keep, teacher_views=config.teacher_views,
-            contrast=config.contrast, noise=config.noise, epochs=config.epochs, batch_size=64, lr=config.pretrain_lr,
+            contrast=config.contrast, noise=config.noise, epochs=config.epochs, batch_size=config.pretrain_batch_size,
+            lr=config.pretrain_lr,
             warmup_epochs=max(1, config.epochs // 10), momentum_teacher=0.99, seed=seed,
             device=str(self.device) if self.device.type == "cpu" else "auto", progress=False)
 
