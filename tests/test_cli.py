@@ -45,8 +45,8 @@ def _user_error_cases(folder):
         "demo --clients 0": (["demo", "--clients", "0", "--out", str(folder / "d")], "clients"),
         "demo --data on a missing folder": (["demo", "--data", str(folder / "no_such_folder"), "--out",
                                              str(folder / "d")], "no_such_folder"),
-        "demo --label-fraction 1.5": (["demo", "--label-fraction", "1.5", "--out", str(folder / "d")],
-                                      "label_fraction"),
+        "demo --label-fractions 1.5": (["demo", "--label-fractions", "1.5", "--out", str(folder / "d")],
+                                       "label-fractions"),
     }
 
 
@@ -64,8 +64,8 @@ def test_user_errors_are_one_line_and_exit_status_2(tmp_path, capsys):
 def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path):
     from msd_fast.data import DataError
 
-    argv, _ = _user_error_cases(tmp_path)["demo --label-fraction 1.5"]
-    with pytest.raises(ValueError, match="label_fraction"):
+    argv, _ = _user_error_cases(tmp_path)["demo --label-fractions 1.5"]
+    with pytest.raises(ValueError, match="label-fractions"):
         main(["--debug"] + argv)
     argv, _ = _user_error_cases(tmp_path)["demo --data on a missing folder"]
     with pytest.raises(DataError, match="no_such_folder"):
