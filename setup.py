@@ -8,7 +8,7 @@ Environment:
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if not os.environ.get("CUDA_HOME") and os.path.isdir("/usr/local/cuda"):
@@ -71,8 +71,12 @@ if _want_cuda():
     )
 print("msd_fast: building " + ", ".join(e.name for e in extensions))
 
+# Every package under msd_fast/ is found automatically; the Triton kernels in kernels/ install as msd_fast.kernels
+# (there is no top-level `kernels` module). MANIFEST.in puts the C++/CUDA sources and headers into the sdist.
+PACKAGES = find_packages(include=["msd_fast", "msd_fast.*"]) + ["msd_fast.kernels"]
+
 setup(
-    packages=["msd_fast", "msd_fast.ops", "msd_fast.kernels"],
+    packages=PACKAGES,
     package_dir={"msd_fast": "msd_fast", "msd_fast.kernels": "kernels"},
     ext_modules=extensions,
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -1,8 +1,20 @@
-"""The ``msd-fast`` command line."""
+"""The ``msd-fast`` command line.
+
+Every subcommand runs inside :func:`main`'s one error handler: a user error (a missing or foreign file, a corrupt
+shard, a bad flag value, a backend that is not built here) prints one line ``msd-fast <command>: error: <message>``
+on stderr and exits with status 2; ``--debug`` shows the traceback instead. Ctrl-C exits with status 130.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+
+from .backends import BackendUnavailableError
+
+# What a user's input can cause. DataError and ShardError are ValueErrors; OSError covers missing, existing and
+# unreadable files; AssertionError is how timm checks model arguments (e.g. a width not divisible by the heads);
+# FloatingPointError is the trainer's "the loss diverged, lower --lr".
+USER_ERRORS = (ValueError, OSError, AssertionError, FloatingPointError, BackendUnavailableError)
 
 
 def _backends(args: argparse.Namespace) -> int:
@@ -42,19 +54,10 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client_command(run):
-    """A client subcommand: user errors (bad data, existing files, wrong arguments) end in one clear line, exit 2."""
-    def command(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except (ValueError, OSError) as error:
-            print(f"msd-fast {args.command}: error: {error}", file=sys.stderr)
-            return 2
-    return command
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="msd-fast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="msd-fast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
     report = commands.add_parser("backends", help="which kernel backends are available here, and why not")
     report.set_defaults(run=_backends)
@@ -69,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_downstream_parsers(commands)
     _add_demo_parser(commands)
     _add_audit_parser(commands)
+    for command in commands.choices.values():  # --debug also after the command; SUPPRESS keeps a global --debug
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full traceback of an error")
     return parser
 
 
@@ -87,7 +93,7 @@ def _add_audit_parser(commands) -> None:
     audit = commands.add_parser("audit", help="play the honest-but-curious server: attack encrypted data, report "
                                               "what it recovers next to chance (markdown, PNG, JSON)")
     add_audit_arguments(audit)
-    audit.set_defaults(run=_client_command(run_audit_command))
+    audit.set_defaults(run=run_audit_command)
 
 
 def _add_client_parsers(commands) -> None:
@@ -95,10 +101,10 @@ def _add_client_parsers(commands) -> None:
 
     keygen = commands.add_parser("keygen", help="client: write a new consortium key (prints its fingerprint only)")
     add_keygen_arguments(keygen)
-    keygen.set_defaults(run=_client_command(run_keygen))
+    keygen.set_defaults(run=run_keygen)
     encode = commands.add_parser("encode", help="client: encrypt a dataset once into the shard to upload")
     add_encode_arguments(encode)
-    encode.set_defaults(run=_client_command(run_encode))
+    encode.set_defaults(run=run_encode)
 
 
 def _add_pretrain_parsers(commands) -> None:
@@ -128,12 +134,29 @@ def _add_downstream_parsers(commands) -> None:
              "baseline: supervised FedAvg over simulated clients, with its communication")):
         parser = commands.add_parser(name, help=help_text)
         add(parser)
-        parser.set_defaults(run=_client_command(run))
+        parser.set_defaults(run=run)
+
+
+def _one_line(error: BaseException) -> str:
+    message = str(error) or type(error).__name__
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 def main(argv: list | None = None) -> int:
+    """Parse ``argv`` and run the command; returns the exit status (0, 2 on a user error, 130 on Ctrl-C)."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"msd-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"msd-fast {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 import os
 
+import pytest
 from PIL import Image
 
 from msd_fast.cli import main
@@ -28,3 +29,66 @@ def test_cli_backends_and_demo_with_a_key_file(tmp_path, capsys):
                  "--key", str(key_path)]) == 0
     out = capsys.readouterr().out
     assert key.fingerprint in out and key._secret.hex() not in out
+
+
+# ---- one error mechanism: a user error is one line on stderr and exit status 2, the traceback only with --debug ----
+def _user_error_cases(folder):
+    not_a_shard = folder / "notes.txt"
+    not_a_shard.write_text("not a shard, not a checkpoint\n")
+    return {
+        "pretrain on a missing shard": (["pretrain", str(folder / "missing.shard"), "--out", str(folder / "p")],
+                                        "missing.shard"),
+        "pretrain on a file that is not a shard": (["pretrain", str(not_a_shard), "--out", str(folder / "p")],
+                                                   "not an msd_fast shard"),
+        "export of a file that is not a checkpoint": (["export", "--checkpoint", str(not_a_shard), "--out",
+                                                       str(folder / "model.safetensors")], "checkpoint"),
+        "demo --clients 0": (["demo", "--clients", "0", "--out", str(folder / "d")], "clients"),
+        "demo --data on a missing folder": (["demo", "--data", str(folder / "no_such_folder"), "--out",
+                                             str(folder / "d")], "no_such_folder"),
+        "demo --label-fractions 1.5": (["demo", "--label-fractions", "1.5", "--out", str(folder / "d")],
+                                       "label-fractions"),
+    }
+
+
+def test_user_errors_are_one_line_and_exit_status_2(tmp_path, capsys):
+    for case, (argv, named) in _user_error_cases(tmp_path).items():
+        assert main(argv + ["--no-progress"] if argv[0] == "demo" else argv) == 2, case
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"msd-fast {argv[0]}: error: "), (case, err)
+        assert named in err and "Traceback" not in err, (case, err)
+    # Nothing was written by the failing commands: no key, shard, checkpoint or model.
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["notes.txt"], written
+
+
+def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path):
+    from msd_fast.data import DataError
+
+    argv, _ = _user_error_cases(tmp_path)["demo --label-fractions 1.5"]
+    with pytest.raises(ValueError, match="label-fractions"):
+        main(["--debug"] + argv)
+    argv, _ = _user_error_cases(tmp_path)["demo --data on a missing folder"]
+    with pytest.raises(DataError, match="no_such_folder"):
+        main(argv + ["--no-progress", "--debug"])
+
+
+def test_keyboard_interrupt_is_one_line_and_exit_status_130(monkeypatch, capsys):
+    from msd_fast import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_backends", interrupted)
+    assert main(["backends"]) == 130
+    assert capsys.readouterr().err == "msd-fast backends: interrupted\n"
+
+
+def test_a_bug_is_not_reported_as_a_user_error(monkeypatch):
+    from msd_fast import cli
+
+    def broken(args):
+        raise TypeError("a bug, not a user error")
+
+    monkeypatch.setattr(cli, "_backends", broken)
+    with pytest.raises(TypeError):
+        main(["backends"])
