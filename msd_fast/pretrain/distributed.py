@@ -35,7 +35,7 @@ def setup(device: str = "auto") -> ProcessInfo:
     chosen = torch.device(device)
     if chosen.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} asked for, but CUDA is not available here")
+            raise ValueError(f"--device {device!r}: CUDA is not available here (use --device cpu or auto)")
         torch.cuda.set_device(chosen)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
