@@ -220,7 +220,7 @@ def add_encode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the shard file to write")
     parser.add_argument("--patch-size", type=int, default=16, help="the ViT's patch size (default 16)")
     parser.add_argument("--image-size", type=_image_size, default=None,
-                        help="resize to S or HxW (synthetic data: the generated size, default 64)")
+                        help="resize to S or HxW (synthetic data: the generated size, default 32)")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert to gray (1) or RGB (3)")
     parser.add_argument("--split", default="train", choices=("train", "val", "test"),
                         help=".npz split / folder split / synthetic draw (default train)")

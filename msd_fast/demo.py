@@ -296,8 +296,7 @@ class Demo:
     def recipe(self, seed: int, steps: Optional[int] = None) -> Recipe:
         config = self.config
         steps = steps or config.finetune_steps
-        return Recipe(steps=steps, lr=config.finetune_lr, layer_decay=config.layer_decay,
-                      warmup_steps=max(1, steps // 10), seed=seed)
+        return Recipe(steps=steps, lr=config.finetune_lr, layer_decay=config.layer_decay, seed=seed)
 
     def labelled_splits(self, data: SeedData, seed: int, fraction: float) -> list[LabelledSplit]:
         splits = []

@@ -42,12 +42,12 @@ def test_finetune_a_pretrained_backbone_prints_and_writes_the_metrics(exported_b
     results = read_results(tmp_path / "out", "finetune.json")
     metrics = results["metrics"]
     for text in (f"accuracy {metrics['accuracy']:.4f}", f"balanced accuracy {metrics['balanced_accuracy']:.4f}",
-                 f"macro AUC {metrics['macro_auc']:.4f}", "confusion matrix", "spiculated_lesion"):
+                 f"macro AUC {metrics['macro_auc']:.4f}", "confusion matrix", "spiculated_mass"):
         assert text in out
     # 50 synthetic scans at the model's 32x32: 10 held out (stratified 0.2), half of the other 40 labelled.
     assert results["data"]["geometry"] == [1, 32, 32]
     assert (results["data"]["n_test"], results["data"]["n_train"], metrics["n"]) == (10, 20, 10)
-    assert np.array(metrics["confusion_matrix"]).sum() == 10 and np.array(metrics["confusion_matrix"]).shape == (5, 5)
+    assert np.array(metrics["confusion_matrix"]).sum() == 10 and np.array(metrics["confusion_matrix"]).shape == (7, 7)
     assert results["model"]["init"] == "pretrained" and results["model"]["domain"] == "plain"
     assert results["model"]["key_fingerprint"] == key.fingerprint
     assert results["recipe"]["steps"] == 4 and results["recipe"]["seed"] == 1
@@ -93,7 +93,7 @@ def test_probe_a_token_mode_backbone_and_the_random_baseline(exported_backbones,
     results = read_results(tmp_path / "token", "probe.json")
     assert set(results["metrics"]) == {"knn", "linear"} and results["k"] == 5
     assert results["model"]["mode"] == "token" and "key-derived token embedder" in out
-    for name, title in (("knn", "k-NN (k = 5, cosine)"), ("linear", "linear probe")):
+    for name, title in (("knn", "k-NN (k = 5, cosine of centred features)"), ("linear", "linear probe")):
         assert title in out and f"accuracy {results['metrics'][name]['accuracy']:.4f}" in out
         assert results["metrics"][name]["n"] == 8
 

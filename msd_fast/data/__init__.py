@@ -1,6 +1,6 @@
 """Datasets for msd_fast: uint8 images in an :class:`ImageSet`, from the embedded synthetic scans or real data.
 
-* :func:`synthetic_dataset` -- deterministic medical-like scans in five spatially different classes (no download).
+* :func:`synthetic_dataset` -- deterministic chest-CT-like slices in seven radiological classes (no download).
 * :func:`load_dataset` -- one entry point: ``"synthetic[:N]"``, an image folder, a MedMNIST ``.npz``, a ``.npy``;
   :func:`from_arrays` for numpy arrays; :func:`check_patch_size` for the ViT's patch size.
 * :func:`split_clients` (IID / Dirichlet non-IID), :func:`train_test_split`, :func:`label_fraction_subset`.

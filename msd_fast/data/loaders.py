@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from .convert import (Size, check_channels, check_high_bit_depth, convert_channels, parse_size, resize_images,
                       to_uint8)
 from .imageset import DataError, ImageSet, Indices
-from .synthetic import DEFAULT_COUNT, SPLITS, synthetic_dataset
+from .synthetic import DEFAULT_COUNT, DEFAULT_SIZE, SPLITS, synthetic_dataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LAYOUTS = ("NHW", "NHWC", "NCHW")
@@ -326,7 +326,7 @@ def load_dataset(spec, *, size: Size = None, channels: Optional[int] = None, spl
         spec: ``"synthetic"`` (the embedded dataset, 2000 images) or ``"synthetic:N"``; a folder of PNG/JPEG/TIFF
             (class sub-folders or flat, see :func:`load_folder`); a MedMNIST-format ``.npz``; a ``.npy`` of images;
             or an array (see :func:`from_arrays`).
-        size: resize to this (int or ``(H, W)``); for the synthetic set, the generated side (default 64).
+        size: resize to this (int or ``(H, W)``); for the synthetic set, the generated side (default 32).
         channels: 1 or 3: convert gray <-> RGB (default: keep; synthetic: 1).
         split: ``"train"``, ``"val"`` or ``"test"``: the ``.npz`` split, the folder's split sub-folder, or an
             independent synthetic draw.
@@ -368,7 +368,7 @@ def _synthetic_spec(text: str, size: Size, channels: Optional[int], split: str) 
         if not value.isdigit() or int(value) < 1:
             raise DataError(f"{text}: expected 'synthetic' or 'synthetic:N' with N a positive integer")
         count = int(value)
-    shape = parse_size(size) or (64, 64)
+    shape = parse_size(size) or (DEFAULT_SIZE, DEFAULT_SIZE)
     if shape[0] != shape[1]:
         raise DataError(f"the synthetic dataset is square; got size={size!r}")
     _check_split(split)

@@ -63,7 +63,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train on a stratified fraction of the training labels (default 1: all)")
     parser.add_argument("--image-size", type=_image_size, default=None,
                         help="resize to S or HxW (default: the exported model's size with --model, else as stored; "
-                             "synthetic data: the generated size, default 64)")
+                             "synthetic data: the generated size, default 32)")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
                         help="convert to gray (1) or RGB (3) (default: the exported model's with --model)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits, the initialisation and training")

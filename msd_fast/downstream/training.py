@@ -24,8 +24,8 @@ from ..pretrain.schedules import cosine_schedule
 class Recipe:
     """Supervised training settings (see the module docstring).
 
-    ``steps`` optimisation steps of ``min(batch_size, n)`` images; ``lr`` is the peak learning rate (no batch
-    scaling); ``layer_decay`` < 1 scales block ``i`` of a pretrained body by ``layer_decay ** (depth - i)`` and its
+    ``steps`` optimisation steps of ``min(batch_size, n)`` images, the first ``warmup_steps`` (default a tenth)
+    warming up linearly; ``lr`` is the peak learning rate (no batch scaling); ``layer_decay`` < 1 scales block ``i`` of a pretrained body by ``layer_decay ** (depth - i)`` and its
     embeddings by ``layer_decay ** (depth + 1)`` (1: off; random-init bodies always use 1); ``val_fraction`` of the
     labelled images (stratified) is held out for model selection every ``eval_every`` steps when at least
     ``min_val`` images would be held out, else the last step is kept. ``probe_init``: start from a linear probe
@@ -37,7 +37,7 @@ class Recipe:
     batch_size: int = 32
     lr: float = 1e-3
     min_lr: float = 1e-6
-    warmup_steps: int = 30
+    warmup_steps: Optional[int] = None
     weight_decay: float = 0.05
     layer_decay: float = 0.75
     label_smoothing: float = 0.1
@@ -53,6 +53,8 @@ class Recipe:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.warmup_steps is None:
+            self.warmup_steps = self.steps // 10
         if not (isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps <= self.steps):
             raise ValueError(f"warmup_steps must be an int in [0, steps={self.steps}], got {self.warmup_steps!r}")
         for name in ("lr", "min_lr", "weight_decay", "label_smoothing", "layer_decay", "val_fraction"):
