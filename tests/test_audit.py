@@ -321,7 +321,7 @@ def test_cli_audit_quick_and_with_a_shard(tmp_path, capsys):
     assert report["setup"]["shard"] == "s.shard"
     capsys.readouterr()
     import numpy as np
-    np.save(tmp_path / "other.npy", smooth_images(12, size=64).numpy())   # not the data the shard was encoded from
+    np.save(tmp_path / "other.npy", smooth_images(12, size=32).numpy())   # not the data the shard was encoded from
     assert main(["audit", "--key", str(key_path), "--data", str(tmp_path / "other.npy"), "--shard",
                  str(tmp_path / "s.shard"), "--quick", "--out", str(tmp_path / "c")]) == 2
     assert "does not hold these images" in capsys.readouterr().err

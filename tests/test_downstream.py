@@ -13,6 +13,7 @@ from safetensors.torch import save as safetensors_save
 
 from msd_fast import Key, permute_tokens
 from msd_fast.data import synthetic_dataset
+from msd_fast.data.synthetic import CLASS_NAMES
 from msd_fast.downstream import (FedAvgSettings, LabelledSplit, Recipe, build_classifier, classification_metrics,
                                  exported_architecture, fedavg, finetune_and_evaluate, pretrained_classifier, probe,
                                  random_classifier, state_dict_bytes, weighted_average)
@@ -34,9 +35,10 @@ def key(exported_backbones):
 
 @pytest.fixture(scope="module")
 def split():
-    """48 labelled training scans and 16 held-out ones (32x32, 5 classes), as a client would have them."""
+    """48 labelled training scans and 16 held-out ones (32x32, the synthetic set's 7 classes), as a client would
+    have them."""
     train, test = synthetic_dataset(48, size=32), synthetic_dataset(16, size=32, split="test")
-    return LabelledSplit(train.to_tensor(), train.labels, test.to_tensor(), test.labels, 5)
+    return LabelledSplit(train.to_tensor(), train.labels, test.to_tensor(), test.labels, len(CLASS_NAMES))
 
 
 # ---- metrics -------------------------------------------------------------------------------------------------------
@@ -125,7 +127,7 @@ def test_knn_votes_with_temperature_weighted_cosine_similarity():
     weights = (similarity[:, 0] / 0.07).exp()
     top3 = similarity[:, 0].topk(3).indices  # the opposite vector (-1, 0) is left out with k = 3
     expected = torch.zeros(2).index_add_(0, labels[top3], weights[top3])
-    probabilities = knn_probabilities(train, labels, query, 2, k=3)
+    probabilities = knn_probabilities(train, labels, query, 2, k=3, center=False)
     torch.testing.assert_close(probabilities[0], expected / expected.sum())
     assert 3 not in top3.tolist()
     with pytest.raises(ValueError, match="k must be >= 1"):
@@ -176,7 +178,7 @@ def test_weighted_average_rejects_inconsistent_states_and_weights():
         FedAvgSettings(client_fraction=1.5)
 
 
-def tiny_classifier(n_classes=5, seed=0, **changes):
+def tiny_classifier(n_classes=len(CLASS_NAMES), seed=0, **changes):
     arch = dict(TINY, **changes)
     return random_classifier(arch.pop("arch"), n_classes, mean=100.0, std=50.0, seed=seed, **arch)
 
@@ -312,11 +314,11 @@ def test_probe_returns_knn_and_linear_metrics(exported_backbones, key, split):
 
 def test_token_mode_classifier_runs_the_exported_blocks_on_the_key_embedded_tokens(exported_backbones, key, split):
     path = exported_backbones["token"]
-    classifier = pretrained_classifier(path, key, 5, mean=0.0, std=1.0).eval()
+    classifier = pretrained_classifier(path, key, len(CLASS_NAMES), mean=0.0, std=1.0).eval()
     images = split.test_images[:6]
     with torch.no_grad():
         logits, features = classifier(images), classifier.features(images)
-        assert logits.shape == (6, 5) and features.shape == (6, 24)
+        assert logits.shape == (6, len(CLASS_NAMES)) and features.shape == (6, 24)
         vit, tokens = classifier.vit, classifier.embedder(images)
         reference = vit.forward_head(vit.norm(vit.blocks(vit.norm_pre(vit._pos_embed(tokens)))))  # timm's own path
         torch.testing.assert_close(logits, reference)
@@ -342,3 +344,17 @@ def test_random_init_baseline_is_the_same_network(exported_backbones, key, split
         tiny_classifier(arch="vit_no_such_model")
     with pytest.raises(ValueError, match="not a timm VisionTransformer"):
         random_classifier("resnet18", 5, image_size=(32, 32), patch_size=8, in_chans=1, mean=0.0, std=1.0)
+
+
+def test_knn_centres_the_features_by_default():
+    """Centring on the training mean makes the vote blind to a common offset of all features (which otherwise
+    pushes every cosine similarity towards 1), and it is what the uncentred vote gives on pre-centred features."""
+    train, train_labels = clusters(10, 3, 6, 0.3, seed=4)
+    test, _ = clusters(5, 3, 6, 0.3, seed=5)
+    offset = torch.tensor([30.0, -20.0, 10.0, 40.0, 5.0, -8.0])
+    shifted = knn_probabilities(train + offset, train_labels, test + offset, 3, k=5, temperature=1.0)
+    plain = knn_probabilities(train, train_labels, test, 3, k=5, temperature=1.0)
+    torch.testing.assert_close(shifted, plain, rtol=1e-4, atol=1e-4)
+    mean = train.mean(0)
+    pre_centred = knn_probabilities(train - mean, train_labels, test - mean, 3, k=5, center=False, temperature=1.0)
+    torch.testing.assert_close(shifted, pre_centred, rtol=1e-4, atol=1e-4)
