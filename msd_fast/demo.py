@@ -30,10 +30,8 @@ from .downstream import (FedAvgSettings, LabelledSplit, Recipe, build_classifier
 from .downstream.communication import Communication, file_bytes
 from .downstream.metrics import classification_metrics
 from .downstream.probe import knn_probabilities
-from .downstream.training import extract_features
 from .flags import flag
 from .keys import Key
-from .ops.patch_encryption import encrypt_patches
 from .pretrain import PretrainConfig, export_backbone, pretrain
 from .shards import open_shard
 
