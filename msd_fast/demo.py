@@ -35,7 +35,6 @@ from .keys import Key
 from .pretrain import PretrainConfig, export_backbone, pretrain
 from .shards import open_shard
 
-METHODS = ("ms_dino", "random", "fedavg")
 
 
 @dataclasses.dataclass
