@@ -70,6 +70,7 @@ class DemoConfig:
     finetune_steps: int = flag(300, "fine-tuning steps (every method; FedAvg: rounds x local steps)")
     finetune_lr: float = flag(1e-3, "fine-tuning peak learning rate")
     layer_decay: float = flag(0.75, "layer-wise lr decay of pretrained bodies in fine-tuning (1: off)")
+    refit_head: bool = flag(True, "after selecting the step, refit the linear head on all of a client's labels")
     fedavg_rounds: int = flag(15, "FedAvg rounds (local steps = fine-tuning steps / rounds)")
     upper_bound_steps: int = flag(1500, "steps of the all-labels supervised upper bound")
     negpos: bool = flag(True, "negative-positive transform in the encryption")
@@ -293,7 +294,8 @@ class Demo:
     def recipe(self, seed: int, steps: Optional[int] = None) -> Recipe:
         config = self.config
         steps = steps or config.finetune_steps
-        return Recipe(steps=steps, lr=config.finetune_lr, layer_decay=config.layer_decay, seed=seed)
+        return Recipe(steps=steps, lr=config.finetune_lr, layer_decay=config.layer_decay,
+                      refit_head=config.refit_head, seed=seed)
 
     def labelled_splits(self, data: SeedData, seed: int, fraction: float) -> list[LabelledSplit]:
         splits = []

@@ -11,7 +11,7 @@ from msd_fast.data.synthetic import DEFAULT_SIZE
 
 # sha256 of synthetic_dataset(40, size=32) images + labels. Pixel arithmetic is IEEE-exact and the randomness is
 # PCG64's raw stream, so this must hold on every machine and NumPy version; if it changes, the dataset changed.
-GOLDEN_SHA256 = "808d7743abeafcb105b8bb5cf0831a0e929dae7a1d0e2a927117f3744b7d9a68"
+GOLDEN_SHA256 = "7ed7cf7d963a83b27ad4b462651150ec3dcbb41727dfa45be2c142ec58eec653"
 
 
 def _digest(dataset) -> str:
@@ -128,8 +128,9 @@ def test_pixel_statistics_are_far_below_a_spatial_model(split_data):
     n = len(CLASS_NAMES)
     stats = _ridge_accuracy((_pixel_statistics(x_a), y_a), (_pixel_statistics(x_b), y_b), n)
     spatial = _ridge_accuracy((_spatial_features(x_a), y_a), (_spatial_features(x_b), y_b), n)
-    # 350 test images, chance 1/7 = 0.14 (std 0.019). Measured: statistics 0.32, spatial 0.96.
-    assert stats < 0.42, stats
+    # 350 test images, chance 1/7 = 0.14 (std 0.019). Measured: statistics 0.44, spatial 0.98 (the first version,
+    # with a 5x wider window jitter that hid the statistics more: 0.32 and 0.96).
+    assert stats < 0.52, stats
     assert spatial > stats + 0.4, (spatial, stats)
 
 

@@ -85,3 +85,48 @@ def test_layer_decay_scales_pretrained_layers_only():
 def test_bad_recipes_are_refused_by_name(change, message):
     with pytest.raises(ValueError, match=message):
         Recipe(**change)
+
+
+def _client_split(n_train=40, n_test=12, seed=0):
+    from msd_fast.downstream import LabelledSplit
+
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n_train + n_test, 1, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(n_train + n_test) % 4
+    return LabelledSplit(images[:n_train], labels[:n_train], images[n_train:], labels[n_train:], 4)
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_the_head_is_refitted_on_every_labelled_image_after_selection(refit):
+    from msd_fast.downstream import finetune_and_evaluate
+
+    split = _client_split()
+    recipe = Recipe(steps=6, batch_size=4, eval_every=3, refit_head=refit, seed=2)
+    model = tiny_classifier(n_classes=4)
+    metrics = finetune_and_evaluate(model, split, recipe, device=torch.device("cpu"))
+    assert metrics["n_val"] == 8  # a fifth of 40 held out to select the step
+    # The refit head is the logistic regression on the selected body's features of all 40 labelled images (the 8
+    # held-out ones included); without the refit, it is the head of the selected step, trained on 32 of them.
+    features = extract_features(model, split.train_images, device=torch.device("cpu"))
+    weight, bias = fit_linear_classifier(features, split.train_labels, 4)
+    matches = torch.allclose(model.vit.head.weight.double(), weight.to(torch.float32).double(), atol=1e-5) and \
+        torch.allclose(model.vit.head.bias.double(), bias.to(torch.float32).double(), atol=1e-5)
+    assert matches == refit
+    probabilities = predict(model, split.test_images, device=torch.device("cpu"))
+    assert metrics["accuracy"] == float((probabilities.argmax(1) == split.test_labels).double().mean())
+
+
+def test_fedavg_clients_refit_the_head_and_report_the_mean_over_clients():
+    from msd_fast.downstream import FedAvgSettings, fedavg_baseline
+
+    splits = [_client_split(seed=s) for s in (1, 2)]
+    arch = dict(arch="vit_tiny_patch16_224", image_size=(32, 32), patch_size=8, in_chans=1, depth=1, embed_dim=24,
+                num_heads=2)
+    settings = FedAvgSettings(rounds=2, local_steps=2, seed=0)
+    refit, _ = fedavg_baseline(splits, arch, Recipe(batch_size=4, eval_every=1), settings, device=torch.device("cpu"))
+    assert len(refit["client_accuracy"]) == 2 and refit["n"] == 24
+    assert refit["accuracy"] == pytest.approx(sum(refit["client_accuracy"]) / 2)
+    assert torch.tensor(refit["confusion_matrix"]).sum() == 24
+    single, _ = fedavg_baseline(splits, arch, Recipe(batch_size=4, eval_every=1, refit_head=False), settings,
+                                device=torch.device("cpu"))
+    assert "client_accuracy" not in single and single["n"] == 12  # the global model on the shared test set

@@ -106,6 +106,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser, *, steps: bool) -> 
     parser.add_argument("--flips", action=argparse.BooleanOptionalAction, default=defaults.flips,
                         help="random horizontal/vertical flips (off by default: laterality and orientation can carry "
                              "the label)")
+    parser.add_argument("--refit-head", action=argparse.BooleanOptionalAction, default=defaults.refit_head,
+                        help="after selecting the step, refit the linear head on every labelled image, the held-out "
+                             "ones included (default on)")
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -323,7 +326,7 @@ def _recipe(args: argparse.Namespace, **changes) -> Recipe:
     """The shared recipe from the flags; its own checks name the setting, reported here as the flag."""
     try:
         return Recipe(lr=args.lr, batch_size=args.batch_size, val_fraction=args.val_fraction, flips=args.flips,
-                      seed=args.seed, **changes)
+                      refit_head=args.refit_head, seed=args.seed, **changes)
     except ValueError as error:
         raise ValueError("--" + str(error).replace("_", "-", 1)) from None
 

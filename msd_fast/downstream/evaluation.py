@@ -2,9 +2,11 @@
 features, and the FedAvg baseline -- each returning plain dictionaries of metrics."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..keys import Key
@@ -12,7 +14,8 @@ from .classifier import pretrained_classifier, random_classifier
 from .fedavg import FedAvgSettings, fedavg
 from .metrics import classification_metrics
 from .probe import knn_probabilities, linear_probe_probabilities
-from .training import Recipe, extract_features, predict, standardisation, train_classifier, validation_split
+from .training import (Recipe, extract_features, fit_head, predict, standardisation, train_classifier,
+                       validation_split)
 
 
 @dataclasses.dataclass
@@ -56,14 +59,17 @@ def validation_score(images: torch.Tensor, labels: torch.Tensor, *, device: torc
 def finetune_and_evaluate(classifier, split: LabelledSplit, recipe: Recipe, *, device: torch.device,
                           pretrained: bool = False) -> dict:
     """Fine-tune ``classifier`` on the split's labelled images, selecting the weights on a validation split the
-    client holds out of them (:func:`~msd_fast.downstream.training.validation_split`); metrics on the test set,
-    plus ``selected_step`` and ``n_val``. ``pretrained`` turns on the recipe's layer-wise learning-rate decay."""
+    client holds out of them (:func:`~msd_fast.downstream.training.validation_split`), then (``recipe.refit_head``)
+    refitting the head on all of them; metrics on the test set, plus ``selected_step`` and ``n_val``.
+    ``pretrained`` turns on the recipe's layer-wise learning-rate decay."""
     train_rows, val_rows = validation_split(split.train_labels, recipe.val_fraction, min_val=recipe.min_val,
                                             seed=recipe.seed)
     validate = None if val_rows is None else validation_score(split.train_images[val_rows],
                                                               split.train_labels[val_rows].long(), device=device)
     info = train_classifier(classifier, split.train_images[train_rows], split.train_labels[train_rows], recipe,
                             device=device, pretrained=pretrained, validate=validate)
+    if recipe.refit_head and val_rows is not None:
+        fit_head(classifier, split.train_images, split.train_labels, device=device)
     probabilities = predict(classifier, split.test_images, device=device)
     return {**classification_metrics(probabilities, split.test_labels), "selected_step": info["selected_step"],
             "n_val": 0 if val_rows is None else len(val_rows)}
@@ -84,8 +90,9 @@ def fedavg_baseline(splits: list[LabelledSplit], random_arch: dict, recipe: Reci
                     device: torch.device, on_round=None) -> tuple[dict, object]:
     """Supervised FedAvg over the clients' labelled images (plain domain). Each client holds out the same
     validation split as in fine-tuning; the round whose global model scores best on the clients' pooled validation
-    images is kept. Metrics of that model on the (shared) test set of the first split, and the per-client
-    communication."""
+    images is kept. With ``recipe.refit_head`` each client then refits the head on all its labelled images, as in
+    fine-tuning, and the metrics are the mean over clients (:func:`mean_over_clients`); without it, the metrics of
+    the global model on the (shared) test set of the first split. Also returns the per-client communication."""
     mean, std = standardisation(torch.cat([s.train_images for s in splits]))
     clients, val_images, val_labels = [], [], []
     for split in splits:
@@ -104,5 +111,22 @@ def fedavg_baseline(splits: list[LabelledSplit], random_arch: dict, recipe: Reci
                                  **arch)
 
     model, traffic = fedavg(factory, clients, recipe, settings, device=device, on_round=on_round, validate=validate)
-    probabilities = predict(model, splits[0].test_images, device=device)
-    return classification_metrics(probabilities, splits[0].test_labels), traffic
+    if not (recipe.refit_head and val_images):
+        probabilities = predict(model, splits[0].test_images, device=device)
+        return classification_metrics(probabilities, splits[0].test_labels), traffic
+    per_client = []
+    for split in splits:  # the recipe's last step, as in fine-tuning: each client refits the head on all its labels
+        local = copy.deepcopy(model)
+        fit_head(local, split.train_images, split.train_labels, device=device)
+        per_client.append(classification_metrics(predict(local, split.test_images, device=device), split.test_labels))
+    return mean_over_clients(per_client), traffic
+
+
+def mean_over_clients(per_client: list[dict]) -> dict:
+    """One metrics dictionary for per-client models: accuracy, balanced accuracy and macro AUC averaged, the confusion
+    matrices and counts summed, and the per-client accuracies under ``client_accuracy``."""
+    matrices = torch.tensor([m["confusion_matrix"] for m in per_client]).sum(0)
+    return {**{name: float(np.mean([m[name] for m in per_client]))
+               for name in ("accuracy", "balanced_accuracy", "macro_auc")},
+            "confusion_matrix": matrices.tolist(), "n": sum(m["n"] for m in per_client),
+            "client_accuracy": [m["accuracy"] for m in per_client]}

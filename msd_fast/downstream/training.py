@@ -31,7 +31,9 @@ class Recipe:
     ``min_val`` images would be held out, else the last step is kept. ``probe_init``: start from a linear probe
     (the head fitted on the frozen features, then every weight fine-tuned: LP-FT, Kumar et al. 2022), so that the
     first steps do not distort pretrained features through a random head; the probe itself (step 0) is a
-    candidate of the selection."""
+    candidate of the selection. ``refit_head``: once the step is selected, the linear head is fitted again (the same
+    logistic regression) on the selected body's frozen features of *every* labelled image, the validation images
+    included: with a few labels per class, a fifth of them is too many to leave out of the final classifier."""
 
     steps: int = 300
     batch_size: int = 32
@@ -43,6 +45,7 @@ class Recipe:
     label_smoothing: float = 0.1
     flips: bool = False
     probe_init: bool = True
+    refit_head: bool = True
     val_fraction: float = 0.2
     min_val: int = 5
     eval_every: int = 25
