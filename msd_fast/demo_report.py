@@ -91,8 +91,7 @@ def markdown_table(rows: list[dict], results: dict) -> str:
                      f"{_bytes(r['upload_bytes'])} | {_bytes(r['download_bytes'])} | {rounds} |")
     lines += ["", f"Mean ± std over seeds {results['seeds']} of the mean over clients (each client fine-tunes on its "
               "own labelled images, holds out a fifth of them to select the step, then refits the linear head on all "
-              "of them; FedAvg trains one model, whose head each client then refits the same way; the upper bound "
-              "is one model). Every method: the same network, the same fine-tuning steps and recipe. One held-out test "
+              "of them; FedAvg and the upper bound have one model). Every method: the same network, the same fine-tuning steps and recipe. One held-out test "
               "set per seed, never used for selection. k-NN / linear probe: frozen features, the client's labels. "
               "Raw-pixel k-NN: the same labels, on pixels."]
     return "\n".join(lines) + "\n"

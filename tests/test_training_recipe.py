@@ -114,19 +114,3 @@ def test_the_head_is_refitted_on_every_labelled_image_after_selection(refit):
     assert matches == refit
     probabilities = predict(model, split.test_images, device=torch.device("cpu"))
     assert metrics["accuracy"] == float((probabilities.argmax(1) == split.test_labels).double().mean())
-
-
-def test_fedavg_clients_refit_the_head_and_report_the_mean_over_clients():
-    from msd_fast.downstream import FedAvgSettings, fedavg_baseline
-
-    splits = [_client_split(seed=s) for s in (1, 2)]
-    arch = dict(arch="vit_tiny_patch16_224", image_size=(32, 32), patch_size=8, in_chans=1, depth=1, embed_dim=24,
-                num_heads=2)
-    settings = FedAvgSettings(rounds=2, local_steps=2, seed=0)
-    refit, _ = fedavg_baseline(splits, arch, Recipe(batch_size=4, eval_every=1), settings, device=torch.device("cpu"))
-    assert len(refit["client_accuracy"]) == 2 and refit["n"] == 24
-    assert refit["accuracy"] == pytest.approx(sum(refit["client_accuracy"]) / 2)
-    assert torch.tensor(refit["confusion_matrix"]).sum() == 24
-    single, _ = fedavg_baseline(splits, arch, Recipe(batch_size=4, eval_every=1, refit_head=False), settings,
-                                device=torch.device("cpu"))
-    assert "client_accuracy" not in single and single["n"] == 12  # the global model on the shared test set
