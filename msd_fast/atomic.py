@@ -1,11 +1,58 @@
 """Nothing a user keeps is ever half-written: every file (keys, shards, checkpoints, models, reports) is written to a
-temporary file in the destination's folder, flushed to disk, then renamed into place."""
+temporary file in the destination's folder, flushed to disk, then renamed into place.
+
+Temporary files are named ``.msd_fast-<host>-<pid>-<random>.tmp``. An error or a signal the process can handle
+(Ctrl-C; SIGTERM from the CLI, see :func:`terminate_as_exit`) removes them at once; a writer killed outright
+(SIGKILL, a power cut) leaves one behind, which the next write into that folder from the same host removes once its
+process is gone."""
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
+import socket
 import tempfile
+import threading
 from typing import Iterator, Optional
+
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
+_STALE = re.compile(r"^\.msd_fast-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[^/]*\.tmp$")
+
+
+def refuse_existing(path: str | os.PathLike) -> None:
+    """Raise ``FileExistsError`` when ``path`` exists (the one wording for every file a user keeps)."""
+    if os.path.exists(path):
+        raise FileExistsError(f"{os.fspath(path)} exists; refusing to replace it (--force on the command line, "
+                              f"overwrite=True in Python)")
+
+
+def _process_is_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, owned by someone else
+        return False
+    return False
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Remove the temporary files in ``folder`` left by writers on this host whose process no longer exists;
+    returns their paths. Other hosts' files are never touched (their PIDs mean nothing here)."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        match = _STALE.match(name)
+        if match and match["host"] == _HOST and int(match["pid"]) != os.getpid() and \
+                _process_is_gone(int(match["pid"])):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+                removed.append(os.path.join(folder, name))
+    return removed
 
 
 @contextlib.contextmanager
@@ -14,9 +61,15 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, overwrite: bool =
     """Yield a handle (opened with ``mode``) to a temporary file next to ``path``; when the block ends normally the
     file is fsynced, given ``file_mode`` (temporary files start as 0600) and moved to ``path``. ``overwrite=False``
     links instead of renaming, so an existing ``path`` -- even one that appeared meanwhile -- is never replaced
-    (``FileExistsError``). On any error the temporary file is removed and ``path`` is untouched."""
+    (``FileExistsError``). On any error the temporary file is removed and ``path`` is untouched; an ``OSError``
+    names ``path``, not the temporary file."""
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".msd_fast-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    folder = os.path.dirname(os.path.abspath(path))
+    remove_stale_temporaries(folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".msd_fast-{_HOST}-{os.getpid()}-", suffix=".tmp", dir=folder)
+    except OSError as error:
+        raise _naming(error, path) from None
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as handle:
             yield handle
@@ -27,12 +80,45 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, overwrite: bool =
         if overwrite:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                refuse_existing(path)
+                raise
             os.unlink(tmp)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError) and not isinstance(error, FileExistsError) and tmp in str(error):
+            raise _naming(error, path) from None
         raise
+
+
+def _naming(error: OSError, path: str) -> OSError:
+    """The same kind of error, about the user's ``path`` (not a temporary file they never named)."""
+    return type(error)(error.errno, f"cannot write {path}: {error.strerror or error}")
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived (exit status 143)."""
+
+
+@contextlib.contextmanager
+def terminate_as_exit() -> Iterator[None]:
+    """Within the block, SIGTERM (a scheduler's timeout, ``kill``) raises :class:`Terminated` in the main thread, so
+    temporary files are removed and nothing half-written is left, as on Ctrl-C; the previous handler is restored
+    after. A no-op outside the main thread, where Python cannot install signal handlers."""
+    def handler(signum, frame):
+        raise Terminated(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .atomic import Terminated, terminate_as_exit
 from .backends import BackendUnavailableError
 
 # What a user's input can cause. DataError and ShardError are ValueErrors; OSError covers missing, existing and
@@ -143,10 +144,15 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: list | None = None) -> int:
-    """Parse ``argv`` and run the command; returns the exit status (0, 2 on a user error, 130 on Ctrl-C)."""
+    """Parse ``argv`` and run the command; returns the exit status (0, 2 on a user error, 130 on Ctrl-C, 143 on
+    SIGTERM: in every case the files being written are removed, none is left half-written)."""
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with terminate_as_exit():
+            return args.run(args)
+    except Terminated as signal_exit:
+        print(f"msd-fast {args.command}: terminated", file=sys.stderr)
+        return signal_exit.code
     except KeyboardInterrupt:
         if args.debug:
             raise

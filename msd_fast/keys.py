@@ -23,12 +23,12 @@ import struct
 import warnings
 import weakref
 from collections import OrderedDict
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import numpy as np
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_write, refuse_existing
 
 SECRET_BYTES = 32
 KEY_FILE_FORMAT = "msd_fast.key"
@@ -53,6 +53,26 @@ def sample_ids_list(sample_ids: SampleIds, name: str = "sample_ids") -> list[int
         raise ValueError(f"{name} must be in [0, 2**63)")
     return ids
 
+
+
+def _parse_key_file(raw: bytes) -> tuple[Optional[str], Optional[bytes], Optional[str]]:
+    """``(problem, secret, fingerprint)`` of a key file's bytes; ``problem`` is None when the record is well formed.
+    Never raises, so that no traceback frame (which error reporters record with its locals) holds the secret."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return "not an msd_fast key file", None, None
+    if not (isinstance(record, dict) and record.get("format") == KEY_FILE_FORMAT):
+        return "not an msd_fast key file", None, None
+    if record.get("version") != KEY_FILE_VERSION:
+        return f"unsupported key file version {str(record.get('version'))[:20]!r}", None, None
+    try:
+        secret = bytes.fromhex(record["secret"])
+    except (KeyError, TypeError, ValueError):
+        secret = b""
+    if len(secret) != SECRET_BYTES:
+        return "key file is corrupted (bad secret field)", None, None
+    return None, secret, record.get("fingerprint")
 
 class Key:
     """A secret consortium key. Create with :meth:`generate`, :meth:`from_secret` or :meth:`load`."""
@@ -121,8 +141,8 @@ class Key:
     def save(self, path: Union[str, os.PathLike], *, overwrite: bool = False) -> None:
         """Write the key to ``path`` atomically with file mode 0600; refuse to replace a file unless ``overwrite``."""
         path = os.fspath(path)
-        if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        if not overwrite:
+            refuse_existing(path)
         payload = json.dumps({"format": KEY_FILE_FORMAT, "version": KEY_FILE_VERSION,
                               "fingerprint": self.fingerprint, "secret": self._secret.hex()}).encode()
         with atomic_write(path, overwrite=overwrite, file_mode=0o600) as handle:  # created 0600, never readable
@@ -137,25 +157,14 @@ class Key:
             warnings.warn(f"key file {path} is readable by other users (mode {stat.filemode(mode)}); chmod 600 it",
                           stacklevel=2)
         with open(path, "rb") as handle:
-            raw = handle.read(4096)
-        try:
-            record = json.loads(raw.decode("utf-8"))
-            valid = (isinstance(record, dict) and record.get("format") == KEY_FILE_FORMAT)
-        except (UnicodeDecodeError, ValueError):
-            valid = False
-        if not valid:
-            raise ValueError(f"{path} is not an msd_fast key file") from None
-        if record.get("version") != KEY_FILE_VERSION:
-            raise ValueError(f"{path}: unsupported key file version {record.get('version')!r}")
-        try:
-            secret = bytes.fromhex(record["secret"])
-        except (KeyError, TypeError, ValueError):
-            secret = b""
-        if len(secret) != SECRET_BYTES:
-            raise ValueError(f"{path}: key file is corrupted (bad secret field)") from None
+            problem, secret, fingerprint = _parse_key_file(handle.read(4096))
+        if problem is not None:  # raised here, where no local holds the file's content
+            raise ValueError(f"{path}: {problem}") from None
         key = cls(secret, _internal=True)
-        if record.get("fingerprint") != key.fingerprint:
-            raise ValueError(f"{path}: key file is corrupted (fingerprint does not match)")
+        del secret
+        if fingerprint != key.fingerprint:
+            del key
+            raise ValueError(f"{path}: key file is corrupted (fingerprint does not match)") from None
         return key
 
     # ---- derived material ---------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_write, refuse_existing
 
 SHARD_FORMAT = "msd_fast.shard"
 SHARD_VERSION = 1
@@ -118,8 +118,8 @@ def write_shard(path: str | os.PathLike, batches: Iterable[torch.Tensor], meta: 
     new shard at ``path``; returns the metadata with its checksum. Atomic: a temporary file in the same folder is
     renamed into place only when complete; an existing file is kept unless ``overwrite``."""
     path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--force) to replace it")
+    if not overwrite:
+        refuse_existing(path)
     meta = dataclasses.replace(meta, checksum=_CHECKSUM_PLACEHOLDER)
     placeholder = _header_bytes(meta)
     torch_dtype = _DTYPES[meta.dtype][2]

@@ -192,3 +192,23 @@ def test_image_folders_and_test_folders_with_other_classes(tmp_path, capsys):
     assert main(["finetune", "--init", "random", "--data", train, "--test-data", other, "--test-split", "train",
                  *TINY_ARCH, *FAST]) == 2
     assert "are not those of --data ['benign', 'malignant']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["finetune", "probe", "fedavg"])
+def test_an_out_that_is_a_file_is_refused_before_any_work(exported_backbones, key_file, tmp_path, capsys,
+                                                          monkeypatch, command):
+    import msd_fast.downstream.cli as downstream_cli
+
+    def no_work(*_, **__):
+        raise AssertionError("work started before --out was checked")
+
+    for name in ("_prepare", "fedavg_baseline", "finetune_and_evaluate"):
+        monkeypatch.setattr(downstream_cli, name, no_work)
+    blocker = tmp_path / "results.json"
+    blocker.write_text("keep me")
+    argv = [command, "--model", exported_backbones["image"], "--data", "synthetic:50", "--out", str(blocker)]
+    argv += ["--clients", "2"] if command == "fedavg" else ["--key", key_file]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"msd-fast {command}: error: --out {blocker} is a file, not a folder"]
+    assert blocker.read_text() == "keep me"

@@ -1,3 +1,4 @@
+import json
 import os
 import pickle
 import stat
@@ -106,6 +107,37 @@ def test_load_rejects_corrupt_files_without_leaking(tmp_path):
     with pytest.raises(ValueError, match="not an msd_fast key file") as info:
         Key.load(garbage)
     assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def _traceback_locals(error: BaseException) -> str:
+    """Every local variable of every frame of ``error``'s traceback below the test's own, as an error reporter
+    records them."""
+    text, tb = [], error.__traceback__.tb_next
+    while tb is not None:
+        text += [f"{name}={value!r}" for name, value in tb.tb_frame.f_locals.items()]
+        tb = tb.tb_next
+    return "\n".join(text)
+
+
+@pytest.mark.parametrize("damage", ["fingerprint", "secret", "version"])
+def test_a_refused_key_file_leaves_no_secret_in_the_traceback_locals(tmp_path, damage):
+    key = Key.generate()
+    path = tmp_path / "k.key"
+    key.save(path)
+    record = json.loads(path.read_text())
+    secret_hex = record["secret"]
+    if damage == "fingerprint":
+        record["fingerprint"] = "0" * len(record["fingerprint"])
+    elif damage == "secret":
+        record["secret"] = secret_hex[:-2]
+    else:
+        record["version"] = 999
+    path.write_text(json.dumps(record))
+    os.chmod(path, 0o600)
+    with pytest.raises(ValueError, match=str(path)) as info:
+        Key.load(path)
+    recorded = _traceback_locals(info.value)
+    assert secret_hex[:-2] not in recorded and repr(bytes.fromhex(secret_hex))[2:40] not in recorded
 
 
 def test_load_warns_on_world_readable_file(tmp_path):

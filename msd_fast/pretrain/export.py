@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from timm.models.vision_transformer import VisionTransformer
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, refuse_existing
 from .checkpoint import load_checkpoint
 from .model import create_backbone
 
@@ -41,8 +41,8 @@ def fold_standardization(backbone: VisionTransformer, mean: float, std: float) -
 
 def export_backbone(checkpoint: str, out: str, *, overwrite: bool = False) -> dict:
     """Write the teacher backbone of ``checkpoint`` to ``out`` (safetensors, atomically); returns the metadata."""
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    if not overwrite:
+        refuse_existing(out)
     state = load_checkpoint(checkpoint)
     config, data = state["config"], state["data"]
     token_mode = data["mode"] == "token"

@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from ..atomic import save_figure
 
 
 class MetricsLog:
-    """Append-only JSONL: ``write(event=..., **values)`` adds ``{"time": ..., "event": ..., ...}``."""
+    """Append-only JSONL: ``write(event=..., **values)`` adds ``{"time": ..., "event": ..., ...}``. Created 0600,
+    like every other file of a run."""
 
     def __init__(self, path: str, *, append: bool):
         self.path = path
-        self._handle = open(path, "a" if append else "w", buffering=1)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+        fd = os.open(path, flags, 0o600)
+        os.fchmod(fd, 0o600)  # a log created by an older version keeps its mode otherwise
+        self._handle = os.fdopen(fd, "a" if append else "w", buffering=1)
 
     def write(self, **record) -> None:
         self._handle.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
