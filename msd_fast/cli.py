@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from .atomic import Terminated, terminate_as_exit
 from .backends import BackendUnavailableError
+from .paths import check_outputs
 
 # What a user's input can cause. DataError and ShardError are ValueErrors; OSError covers missing, existing and
 # unreadable files; AssertionError is how timm checks model arguments (e.g. a width not divisible by the heads);
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--patch-size", type=int, default=16)
     demo.add_argument("--size", type=int, default=224, help="image side, a multiple of the patch size")
     demo.add_argument("--key", default=None, help="key file to use (default: a fresh key)")
-    demo.set_defaults(run=_encrypt_demo)
+    demo.set_defaults(run=_encrypt_demo, out_kind="folder")
     _add_client_parsers(commands)
     _add_pretrain_parsers(commands)
     _add_downstream_parsers(commands)
@@ -85,7 +87,7 @@ def _add_demo_parser(commands) -> None:
     demo = commands.add_parser("demo", help="the whole pipeline and both baselines on simulated clients, with a "
                                             "report (the main command)")
     add_demo_arguments(demo)
-    demo.set_defaults(run=run_demo_command)
+    demo.set_defaults(run=run_demo_command, out_kind="folder")
 
 
 def _add_audit_parser(commands) -> None:
@@ -94,7 +96,7 @@ def _add_audit_parser(commands) -> None:
     audit = commands.add_parser("audit", help="play the honest-but-curious server: attack encrypted data, report "
                                               "what it recovers next to chance (markdown, PNG, JSON)")
     add_audit_arguments(audit)
-    audit.set_defaults(run=run_audit_command)
+    audit.set_defaults(run=run_audit_command, out_kind="folder")
 
 
 def _add_client_parsers(commands) -> None:
@@ -102,10 +104,10 @@ def _add_client_parsers(commands) -> None:
 
     keygen = commands.add_parser("keygen", help="client: write a new consortium key (prints its fingerprint only)")
     add_keygen_arguments(keygen)
-    keygen.set_defaults(run=run_keygen)
+    keygen.set_defaults(run=run_keygen, out_kind="file")
     encode = commands.add_parser("encode", help="client: encrypt a dataset once into the shard to upload")
     add_encode_arguments(encode)
-    encode.set_defaults(run=run_encode)
+    encode.set_defaults(run=run_encode, out_kind="file")
 
 
 def _add_pretrain_parsers(commands) -> None:
@@ -114,12 +116,12 @@ def _add_pretrain_parsers(commands) -> None:
     pretrain = commands.add_parser("pretrain", help="server: masked sampling distillation on uploaded shards "
                                                     "(run under torchrun for several processes)")
     add_arguments(pretrain)
-    pretrain.set_defaults(run=_pretrain)
+    pretrain.set_defaults(run=_pretrain, out_kind="folder")
     export = commands.add_parser("export", help="server: write the pretrained backbone as timm safetensors")
     export.add_argument("--checkpoint", required=True, help="a pretraining checkpoint.pt")
     export.add_argument("--out", required=True, help="the .safetensors file to write")
     export.add_argument("--force", action="store_true", help="replace an existing file")
-    export.set_defaults(run=_export)
+    export.set_defaults(run=_export, out_kind="file")
 
 
 def _add_downstream_parsers(commands) -> None:
@@ -135,7 +137,7 @@ def _add_downstream_parsers(commands) -> None:
              "baseline: supervised FedAvg over simulated clients, with its communication")):
         parser = commands.add_parser(name, help=help_text)
         add(parser)
-        parser.set_defaults(run=run)
+        parser.set_defaults(run=run, out_kind="folder")
 
 
 def _one_line(error: BaseException) -> str:
@@ -144,11 +146,13 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: list | None = None) -> int:
-    """Parse ``argv`` and run the command; returns the exit status (0, 2 on a user error, 130 on Ctrl-C, 143 on
-    SIGTERM: in every case the files being written are removed, none is left half-written)."""
+    """Parse ``argv``, check the command's outputs, run it; returns the exit status: 0, 2 on a user error (one line),
+    1 on an internal error (the traceback, then a line saying it is a bug), 130 on Ctrl-C, 143 on SIGTERM -- in
+    every case the files being written are removed, none is left half-written."""
     args = build_parser().parse_args(argv)
     try:
         with terminate_as_exit():
+            check_outputs(args)
             return args.run(args)
     except Terminated as signal_exit:
         print(f"msd-fast {args.command}: terminated", file=sys.stderr)
@@ -163,6 +167,13 @@ def main(argv: list | None = None) -> int:
             raise
         print(f"msd-fast {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except Exception:  # not the user's input: a bug of ours, shown in full
+        if args.debug:
+            raise
+        traceback.print_exc()
+        print(f"msd-fast {args.command}: internal error (a bug in msd_fast, not in your input; please report it with "
+              f"the traceback above)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -83,12 +83,16 @@ def test_keyboard_interrupt_is_one_line_and_exit_status_130(monkeypatch, capsys)
     assert capsys.readouterr().err == "msd-fast backends: interrupted\n"
 
 
-def test_a_bug_is_not_reported_as_a_user_error(monkeypatch):
+def test_a_bug_is_not_reported_as_a_user_error(monkeypatch, capsys):
     from msd_fast import cli
 
     def broken(args):
         raise TypeError("a bug, not a user error")
 
     monkeypatch.setattr(cli, "_backends", broken)
+    assert main(["backends"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):" and "TypeError: a bug, not a user error" in err
+    assert err[-1].startswith("msd-fast backends: internal error (a bug in msd_fast, not in your input")
     with pytest.raises(TypeError):
-        main(["backends"])
+        main(["--debug", "backends"])

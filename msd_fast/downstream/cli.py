@@ -315,22 +315,6 @@ def write_results(out_dir: str, name: str, results: dict) -> str:
     return path
 
 
-def check_out_folder(out: Optional[str]) -> None:
-    """Refuse an ``--out`` that cannot become a results folder, before any work starts (not after training)."""
-    if out is None:
-        return
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file, not a folder")
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"--out {out}: {parent} is a file, not a folder")
-    target = out if os.path.isdir(out) else parent
-    if not os.access(target, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: {target} is not writable")
-
-
 def _finish(args: argparse.Namespace, name: str, results: dict) -> None:
     if args.out is not None:
         print(f"wrote {write_results(args.out, name, results)}")
@@ -348,7 +332,6 @@ def _recipe(args: argparse.Namespace, **changes) -> Recipe:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    check_out_folder(args.out)
     started = time.perf_counter()
     device = _device(args.device)
     recipe = _recipe(args, steps=args.steps, layer_decay=args.layer_decay)
@@ -367,7 +350,6 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def run_probe(args: argparse.Namespace) -> int:
-    check_out_folder(args.out)
     started = time.perf_counter()
     if args.k is not None and args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
@@ -389,7 +371,6 @@ def run_probe(args: argparse.Namespace) -> int:
 
 
 def run_fedavg(args: argparse.Namespace) -> int:
-    check_out_folder(args.out)
     started = time.perf_counter()
     device = _device(args.device)
     _init(args)
