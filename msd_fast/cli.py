@@ -12,6 +12,7 @@ import traceback
 
 from .atomic import Terminated, terminate_as_exit
 from .backends import BackendUnavailableError
+from .checks import check_command
 from .paths import check_outputs
 
 # What a user's input can cause. DataError and ShardError are ValueErrors; OSError covers missing, existing and
@@ -152,6 +153,7 @@ def main(argv: list | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with terminate_as_exit():
+            check_command(args)
             check_outputs(args)
             return args.run(args)
     except Terminated as signal_exit:

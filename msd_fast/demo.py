@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .checks import resolve_device
 from .client import encode_dataset
 from .data import ImageSet, label_fraction_subset, load_dataset, split_clients, train_test_split
 from .downstream import (FedAvgSettings, LabelledSplit, Recipe, build_classifier, fedavg_baseline,
@@ -120,12 +121,6 @@ class DemoConfig:
         return cls(**(small | changes))
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @dataclasses.dataclass
 class SeedData:
     """One seed's split: every image, the test rows, and each client's training rows."""
@@ -141,7 +136,7 @@ class Demo:
     """One demo run; :meth:`run` returns the results dictionary and writes the report folder."""
 
     def __init__(self, config: DemoConfig):
-        self.config, self.device = config, _device(config.device)
+        self.config, self.device = config, resolve_device(config.device)
         self.bar = None
 
     # ---- the run ---------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from ..atomic import write_text
+from ..checks import resolve_device
 from ..client import _image_size
 from ..data import (DataError, ImageSet, check_patch_size, label_fraction_subset, load_dataset, split_clients,
                     train_test_split)
@@ -152,18 +153,6 @@ def add_fedavg_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ---- building blocks -----------------------------------------------------------------------------------------------
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is visible")
-    return device
-
 
 def _init(args: argparse.Namespace) -> str:
     """``pretrained`` or ``random`` after checking that the model flags fit together (``fedavg`` has no ``--init``:
@@ -333,7 +322,7 @@ def _recipe(args: argparse.Namespace, **changes) -> Recipe:
 
 def run_finetune(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    device = _device(args.device)
+    device = resolve_device(args.device)
     recipe = _recipe(args, steps=args.steps, layer_decay=args.layer_decay)
     classifier, split, info, model = _prepare(args)
     metrics = finetune_and_evaluate(classifier, split, recipe, device=device, pretrained=model.get("init") != "random")
@@ -353,7 +342,7 @@ def run_probe(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.k is not None and args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     classifier, split, info, model = _prepare(args)
     k = min(args.k or default_k(len(split.train_labels)), len(split.train_labels))
     metrics = probe(classifier, split, device=device, k=k)
@@ -372,7 +361,7 @@ def run_probe(args: argparse.Namespace) -> int:
 
 def run_fedavg(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    device = _device(args.device)
+    device = resolve_device(args.device)
     _init(args)
     settings = FedAvgSettings(rounds=args.rounds, local_steps=args.local_steps,
                               client_fraction=args.client_fraction, seed=args.seed)
