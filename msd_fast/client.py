@@ -26,6 +26,7 @@ from typing import Iterator, Optional
 import torch
 
 from .data import DataError, ImageSet, check_patch_size, load_dataset, split_clients
+from .data.convert import check_image_size
 from .keys import Key, require_key
 from .ops.patch_encryption import decrypt_patches, encrypt_patches
 from .ops.token_permutation import permute_tokens, unpermute_tokens
@@ -220,7 +221,8 @@ def add_encode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the shard file to write")
     parser.add_argument("--patch-size", type=int, default=16, help="the ViT's patch size (default 16)")
     parser.add_argument("--image-size", type=_image_size, default=None,
-                        help="resize to S or HxW (synthetic data: the generated size, default 32)")
+                        help="resize to S or HxW, at most 8192 per side (synthetic data: the generated size, "
+                             "default 32)")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert to gray (1) or RGB (3)")
     parser.add_argument("--split", default="train", choices=("train", "val", "test"),
                         help=".npz split / folder split / synthetic draw (default train)")
@@ -251,6 +253,7 @@ def run_encode(args: argparse.Namespace) -> int:
     simulate = args.clients is not None or args.client_index is not None or args.alpha is not None
     if simulate and (args.clients is None or args.client_index is None):
         raise ValueError("--clients N and --client-index i go together (and --alpha needs both)")
+    check_image_size(args.image_size, "--image-size")
     key = Key.load(args.key)  # before reading any data: a wrong key path fails at once
     images = load_dataset(args.data, size=args.image_size, channels=args.channels, split=args.split)
     if simulate:

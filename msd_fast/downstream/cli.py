@@ -28,6 +28,7 @@ from ..atomic import write_text
 from ..client import _image_size
 from ..data import (DataError, ImageSet, check_patch_size, label_fraction_subset, load_dataset, split_clients,
                     train_test_split)
+from ..data.convert import check_image_size
 from ..keys import Key
 from ..pretrain.export import read_export_metadata
 from .classifier import DOMAINS, exported_architecture
@@ -196,7 +197,7 @@ def load_labelled_data(args: argparse.Namespace, metadata: Optional[dict]) -> tu
     """``(train set, test set, info)``: ``--data`` split by ``--test-fraction`` (stratified, ``--seed``) or ``--data``
     and ``--test-data``, resized/converted to the exported model's geometry by default (``metadata``, or None).
     ``--label-fraction`` is not applied here. ``info`` describes the data for the report and the JSON."""
-    size, channels = args.image_size, args.channels
+    size, channels = check_image_size(args.image_size, "--image-size"), args.channels
     if metadata is not None:
         size = size if size is not None else tuple(metadata["image_size"])
         channels = channels if channels is not None else metadata["channels"]
