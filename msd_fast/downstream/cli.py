@@ -131,7 +131,9 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_arguments(parser, pretrained=True)
     _add_data_arguments(parser)
     parser.add_argument("--k", type=int, default=None,
-                        help="neighbours of the k-NN classifier (default: sqrt of the labelled images, at most 20)")
+                        help="neighbours of the k-NN classifier (default: sqrt of the labelled images, at most 20); "
+                             "a k above the number of labelled images is clamped to it, and the k used is printed "
+                             "and written")
     _add_common_arguments(parser)
 
 
@@ -357,6 +359,8 @@ def run_probe(args: argparse.Namespace) -> int:
     device = _device(args.device)
     classifier, split, info, model = _prepare(args)
     k = min(args.k or default_k(len(split.train_labels)), len(split.train_labels))
+    if args.k is not None and args.k > k:
+        print(f"--k {args.k} is more than the {k} labelled training images: using k = {k}")
     metrics = probe(classifier, split, device=device, k=k)
     print(f"frozen features of {_describe_model(model)}: {info['n_train']} training images of {info['data']} "
           f"({info['n_classes']} classes, label fraction {info['label_fraction']:g}); held-out {info['held_out']}: "
