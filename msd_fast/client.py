@@ -166,6 +166,15 @@ def encode_dataset(images: ImageSet, key: Key, out: str, *, patch_size: int = 16
     return write_shard(out, encrypted_batches(), meta, overwrite=overwrite)
 
 
+def _integer_indices(indices) -> torch.Tensor:
+    """``indices`` as int64, refusing what a cast would silently change: floats (0.5 -> 0) and booleans."""
+    values = torch.as_tensor(indices)
+    if values.numel() and (values.dtype == torch.bool or values.is_floating_point() or values.is_complex()):
+        raise ValueError(f"indices must be integers (an int, a sequence or an integer tensor), got "
+                         f"{str(values.dtype).replace('torch.', '')} values")
+    return values.to(torch.int64)
+
+
 def decrypt_shard(shard, key: Key, indices=None) -> torch.Tensor:
     """Undo :func:`encode_dataset` for the items at ``indices`` (default all) of a shard (a path or an opened
     :class:`~msd_fast.shards.Shard`): image mode -> the original uint8 images ``[b, C, H, W]``; token mode -> the
@@ -176,7 +185,7 @@ def decrypt_shard(shard, key: Key, indices=None) -> torch.Tensor:
     if meta.key_fingerprint != key.fingerprint:
         raise ValueError(f"{shard.path} was encoded with key fingerprint {meta.key_fingerprint}, not with this key "
                          f"({key.fingerprint})")
-    rows = torch.arange(len(shard)) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
+    rows = torch.arange(len(shard)) if indices is None else _integer_indices(indices)
     items = shard[rows]
     options = meta.encryption
     ids = options.get("sample_id_start", 0) + rows
