@@ -45,7 +45,7 @@ class PretrainConfig:
     batch_size: int = flag(64, "global batch size (split evenly over processes)")
     lr: float = flag(5e-4, "peak learning rate at batch size 256, scaled linearly with the batch size (DINO)")
     min_lr: float = flag(1e-6, "final learning rate of the cosine schedule")
-    warmup_epochs: Optional[int] = flag(None, "linear learning-rate warm-up epochs (none given: min(3, --epochs))")
+    warmup_epochs: Optional[int] = flag(None, "linear learning-rate warm-up epochs (None: min(3, --epochs))")
     weight_decay: float = flag(0.04, "initial weight decay (cosine schedule)")
     weight_decay_end: float = flag(0.4, "final weight decay")
     momentum_teacher: float = flag(0.99, "initial teacher EMA momentum, cosine to 1 (DINO: 0.996 for long runs)")
