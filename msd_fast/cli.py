@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(run=_backends)
     demo = commands.add_parser("encrypt-demo", help="encrypt/decrypt synthetic scans and write a side-by-side PNG")
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    demo.add_argument("--patch-size", type=int, default=16)
-    demo.add_argument("--size", type=int, default=224, help="image side, a multiple of the patch size")
+    demo.add_argument("--patch-size", type=int, default=16, help="block size (default: 16)")
+    demo.add_argument("--size", type=int, default=224,
+                      help="image side, a multiple of the patch size, at most 8192 (default: 224)")
     demo.add_argument("--key", default=None, help="key file to use (default: a fresh key)")
     demo.set_defaults(run=_encrypt_demo, out_kind="folder")
     _add_client_parsers(commands)

@@ -26,6 +26,7 @@ from typing import Iterator, Optional
 import torch
 
 from .data import DataError, ImageSet, check_patch_size, load_dataset, split_clients
+from .data.convert import check_image_size
 from .keys import Key, require_key
 from .ops.patch_encryption import decrypt_patches, encrypt_patches
 from .ops.token_permutation import permute_tokens, unpermute_tokens
@@ -165,6 +166,15 @@ def encode_dataset(images: ImageSet, key: Key, out: str, *, patch_size: int = 16
     return write_shard(out, encrypted_batches(), meta, overwrite=overwrite)
 
 
+def _integer_indices(indices) -> torch.Tensor:
+    """``indices`` as int64, refusing what a cast would silently change: floats (0.5 -> 0) and booleans."""
+    values = torch.as_tensor(indices)
+    if values.numel() and (values.dtype == torch.bool or values.is_floating_point() or values.is_complex()):
+        raise ValueError(f"indices must be integers (an int, a sequence or an integer tensor), got "
+                         f"{str(values.dtype).replace('torch.', '')} values")
+    return values.to(torch.int64)
+
+
 def decrypt_shard(shard, key: Key, indices=None) -> torch.Tensor:
     """Undo :func:`encode_dataset` for the items at ``indices`` (default all) of a shard (a path or an opened
     :class:`~msd_fast.shards.Shard`): image mode -> the original uint8 images ``[b, C, H, W]``; token mode -> the
@@ -175,7 +185,7 @@ def decrypt_shard(shard, key: Key, indices=None) -> torch.Tensor:
     if meta.key_fingerprint != key.fingerprint:
         raise ValueError(f"{shard.path} was encoded with key fingerprint {meta.key_fingerprint}, not with this key "
                          f"({key.fingerprint})")
-    rows = torch.arange(len(shard)) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
+    rows = torch.arange(len(shard)) if indices is None else _integer_indices(indices)
     items = shard[rows]
     options = meta.encryption
     ids = options.get("sample_id_start", 0) + rows
@@ -220,7 +230,8 @@ def add_encode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the shard file to write")
     parser.add_argument("--patch-size", type=int, default=16, help="the ViT's patch size (default 16)")
     parser.add_argument("--image-size", type=_image_size, default=None,
-                        help="resize to S or HxW (synthetic data: the generated size, default 32)")
+                        help="resize to S or HxW, at most 8192 per side (synthetic data: the generated size, "
+                             "default 32)")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert to gray (1) or RGB (3)")
     parser.add_argument("--split", default="train", choices=("train", "val", "test"),
                         help=".npz split / folder split / synthetic draw (default train)")
@@ -251,6 +262,7 @@ def run_encode(args: argparse.Namespace) -> int:
     simulate = args.clients is not None or args.client_index is not None or args.alpha is not None
     if simulate and (args.clients is None or args.client_index is None):
         raise ValueError("--clients N and --client-index i go together (and --alpha needs both)")
+    check_image_size(args.image_size, "--image-size")
     key = Key.load(args.key)  # before reading any data: a wrong key path fails at once
     images = load_dataset(args.data, size=args.image_size, channels=args.channels, split=args.split)
     if simulate:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .backends import resolve_backend
+from .data.convert import MAX_IMAGE_SIDE
 from .image_grid import save_image_columns
 from .keys import Key
 from .ops.patch_encryption import decrypt_patches, encrypt_patches
@@ -24,10 +25,22 @@ def _to_uint8_batch(images: list) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.round(im * 255.0) for im in images]).astype(np.uint8))[:, None]
 
 
+def check_geometry(patch_size: int, size: int) -> None:
+    """Refuse a patch size or image side that cannot work (naming the flag), before anything is allocated."""
+    for flag, value in (("--patch-size", patch_size), ("--size", size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+    if size > MAX_IMAGE_SIDE:
+        raise ValueError(f"--size must be at most {MAX_IMAGE_SIDE}, got {size}")
+    if size % patch_size:
+        raise ValueError(f"--patch-size {patch_size} must divide --size {size}")
+
+
 def run(out_dir: str = "demo_out", patch_size: int = 16, size: int = 224, key_path: str | None = None) -> dict:
     """Run the demonstration; returns the numbers it printed."""
+    check_geometry(patch_size, size)
+    key = Key.load(key_path) if key_path else Key.generate()  # a wrong key path fails before anything is written
     os.makedirs(out_dir, exist_ok=True)
-    key = Key.load(key_path) if key_path else Key.generate()
     x = _to_uint8_batch([head_phantom(size, size, lesion=bool(i % 2)) for i in range(2)])
     options = dict(block_scramble=True, pixel_shuffle=True, negpos=True)
     backend = resolve_backend("auto", x.device, "patch_permute")

@@ -34,6 +34,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .keys import Key, require_key
+from .ops._checks import check_max_value
 from .ops.masked_gather import masked_gather
 
 Stats = Union[float, Sequence[float], None]
@@ -95,6 +96,8 @@ def _transform(model: nn.Module, key: Key, patch_size: Optional[int], block_scra
                          "or token mode (permute_tokens)")
     if negpos and max_value is None:
         raise ValueError("max_value is required with negpos: 255.0 for uint8-range inputs, 1.0 for [0, 1] floats")
+    if negpos:
+        check_max_value(max_value)
     conv = model.patch_embed.proj
     channels, n_blocks = conv.in_channels, model.patch_embed.num_patches
     n_values = channels * p * p

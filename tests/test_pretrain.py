@@ -124,7 +124,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(shards, tmp_path, 
 def test_bad_configurations_are_explained(shards, tmp_path):
     with pytest.raises(ValueError, match="fewer than one global batch"):
         pretrain(tiny_config(shards, tmp_path / "a", batch_size=200))
-    with pytest.raises(ValueError, match="global_keep"):
+    with pytest.raises(ValueError, match="--global-keep"):
         tiny_config(shards, tmp_path / "b", global_keep=1.5)
     with pytest.raises(ValueError, match="not a timm VisionTransformer"):
         pretrain(tiny_config(shards, tmp_path / "c", arch="resnet18", depth=None, embed_dim=None, num_heads=None))

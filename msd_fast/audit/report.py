@@ -614,7 +614,7 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a shard encoded from --data with --key: attack the server's actual view (its options "
                              "and patch size)")
     parser.add_argument("--patch-size", type=int, default=16, help="block size without --shard (default 16)")
-    parser.add_argument("--images", type=int, default=None, help="use only the first N images")
+    parser.add_argument("--images", type=int, default=None, help="use only the first N images (N >= 1)")
     parser.add_argument("--known-pairs", type=_int_list, default=[1, 10, 100],
                         help="k values of the known-plaintext study (default 1,10,100)")
     parser.add_argument("--token-dims", type=_int_list, default=[192, 384],
@@ -629,6 +629,9 @@ def run_audit_command(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..shards import open_shard
 
+    for flag, value in (("--images", args.images), ("--patch-size", args.patch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
     key = Key.load(args.key) if args.key else Key.generate()
     settings = dict(known_pairs=args.known_pairs, token_dims=args.token_dims, max_heldout=256, figure_rows=3)
     limit = args.images

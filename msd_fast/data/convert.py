@@ -7,6 +7,7 @@
   comparable between images (use it for calibrated data, e.g. CT already windowed into 16 bits).
 * :func:`convert_channels` -- gray -> RGB replicates the channel; RGB -> gray is ITU-R 601 luma
   ``(299 R + 587 G + 114 B) / 1000`` rounded (Pillow's "L" conversion).
+* :func:`check_image_size` -- a requested size from the command line: positive, at most :data:`MAX_IMAGE_SIDE`.
 * :func:`resize_images` -- bilinear with antialiasing (``torch.nn.functional.interpolate``), rounded back to uint8.
 """
 from __future__ import annotations
@@ -35,6 +36,18 @@ def parse_size(size: Size, name: str = "size") -> Optional[tuple[int, int]]:
         raise ValueError(f"{name} must be a positive int or a pair (height, width), got {size!r}")
     height, width = int(size[0]), int(size[1])
     return height, width
+
+
+MAX_IMAGE_SIDE = 8192  # pixels per side; one 8192x8192 RGB image is already 192 MiB, a larger request is a typo
+
+
+def check_image_size(size: Size, flag: str) -> Optional[tuple[int, int]]:
+    """:func:`parse_size` for a command-line flag, also refusing sides above :data:`MAX_IMAGE_SIDE` (before any
+    image is allocated)."""
+    parsed = parse_size(size, flag)
+    if parsed is not None and max(parsed) > MAX_IMAGE_SIDE:
+        raise ValueError(f"{flag} must be at most {MAX_IMAGE_SIDE} pixels per side, got {size!r}")
+    return parsed
 
 
 def check_high_bit_depth(high_bit_depth: str) -> str:

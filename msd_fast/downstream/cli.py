@@ -29,6 +29,7 @@ from ..checks import resolve_device
 from ..client import _image_size
 from ..data import (DataError, ImageSet, check_patch_size, label_fraction_subset, load_dataset, split_clients,
                     train_test_split)
+from ..data.convert import check_image_size
 from ..keys import Key
 from ..pretrain.export import read_export_metadata
 from .classifier import DOMAINS, exported_architecture
@@ -131,7 +132,9 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_arguments(parser, pretrained=True)
     _add_data_arguments(parser)
     parser.add_argument("--k", type=int, default=None,
-                        help="neighbours of the k-NN classifier (default: sqrt of the labelled images, at most 20)")
+                        help="neighbours of the k-NN classifier (default: sqrt of the labelled images, at most 20); "
+                             "a k above the number of labelled images is clamped to it, and the k used is printed "
+                             "and written")
     _add_common_arguments(parser)
 
 
@@ -185,7 +188,7 @@ def load_labelled_data(args: argparse.Namespace, metadata: Optional[dict]) -> tu
     """``(train set, test set, info)``: ``--data`` split by ``--test-fraction`` (stratified, ``--seed``) or ``--data``
     and ``--test-data``, resized/converted to the exported model's geometry by default (``metadata``, or None).
     ``--label-fraction`` is not applied here. ``info`` describes the data for the report and the JSON."""
-    size, channels = args.image_size, args.channels
+    size, channels = check_image_size(args.image_size, "--image-size"), args.channels
     if metadata is not None:
         size = size if size is not None else tuple(metadata["image_size"])
         channels = channels if channels is not None else metadata["channels"]
@@ -345,6 +348,8 @@ def run_probe(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     classifier, split, info, model = _prepare(args)
     k = min(args.k or default_k(len(split.train_labels)), len(split.train_labels))
+    if args.k is not None and args.k > k:
+        print(f"--k {args.k} is more than the {k} labelled training images: using k = {k}")
     metrics = probe(classifier, split, device=device, k=k)
     print(f"frozen features of {_describe_model(model)}: {info['n_train']} training images of {info['data']} "
           f"({info['n_classes']} classes, label fraction {info['label_fraction']:g}); held-out {info['held_out']}: "

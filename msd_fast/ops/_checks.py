@@ -1,6 +1,8 @@
 """Argument checks shared by the ops: each raises a clear exception that names the argument."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -27,6 +29,13 @@ def check_positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def check_max_value(value: object, name: str = "max_value") -> float:
+    """The negative-positive maximum: a positive finite number (inf or NaN would make decryption give NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 def check_same_device(tensor: torch.Tensor, reference: torch.Tensor, name: str, reference_name: str) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from ..backends import native_cpu, native_cuda, resolve_backend, triton_kernels
 from ..keys import Key, SampleIds, key_from_handle, require_key, sample_ids_list
-from ._checks import FLOAT_DTYPES, check_dim, check_dtype, check_positive_int, check_tensor
+from ._checks import FLOAT_DTYPES, check_dim, check_dtype, check_max_value, check_positive_int, check_tensor
 
 IMAGE_DTYPES = (torch.uint8,) + FLOAT_DTYPES
 OP_NAME = "patch_permute"
@@ -197,14 +197,14 @@ def _encryption_call(x, key, patch_size, block_scramble, pixel_shuffle, negpos, 
 
 
 def resolve_max_value(max_value: Optional[float], dtype: torch.dtype) -> float:
-    """The negative-positive maximum: 255 for uint8 and 1.0 for floats by default; uint8 needs an int in [0, 255]."""
+    """The negative-positive maximum: 255 for uint8 and 1.0 for floats by default; a positive finite number, for
+    uint8 an int in [1, 255]."""
     if max_value is None:
         return 255.0 if dtype == torch.uint8 else 1.0
-    if isinstance(max_value, bool) or not isinstance(max_value, (int, float)) or max_value != max_value:
-        raise ValueError(f"max_value must be a finite number, got {max_value!r}")
-    if dtype == torch.uint8 and (max_value != int(max_value) or not 0 <= max_value <= 255):
-        raise ValueError(f"max_value for uint8 images must be an integer in [0, 255], got {max_value!r}")
-    return float(max_value)
+    value = check_max_value(max_value)
+    if dtype == torch.uint8 and (value != int(value) or value > 255):
+        raise ValueError(f"max_value for uint8 images must be an integer in [1, 255], got {max_value!r}")
+    return value
 
 
 def encrypt_patches(x: torch.Tensor, key: Key, patch_size: int = 16, *, block_scramble: bool = True,

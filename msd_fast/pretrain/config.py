@@ -8,8 +8,10 @@ a faster teacher momentum for runs of hundreds rather than hundreds of thousands
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from ..flags import add_dataclass_arguments, dataclass_from_args, flag
 
@@ -43,7 +45,7 @@ class PretrainConfig:
     batch_size: int = flag(64, "global batch size (split evenly over processes)")
     lr: float = flag(5e-4, "peak learning rate at batch size 256, scaled linearly with the batch size (DINO)")
     min_lr: float = flag(1e-6, "final learning rate of the cosine schedule")
-    warmup_epochs: int = flag(3, "linear learning-rate warm-up epochs")
+    warmup_epochs: Optional[int] = flag(None, "linear learning-rate warm-up epochs (None: min(3, --epochs))")
     weight_decay: float = flag(0.04, "initial weight decay (cosine schedule)")
     weight_decay_end: float = flag(0.4, "final weight decay")
     momentum_teacher: float = flag(0.99, "initial teacher EMA momentum, cosine to 1 (DINO: 0.996 for long runs)")
@@ -64,24 +66,43 @@ class PretrainConfig:
     progress: bool = flag(True, "tqdm progress bar (on terminals, rank 0)")
 
     def __post_init__(self):
+        """Refuse settings that cannot train, naming the flag (before any work); resolve the default warm-up."""
+        self._check_shards()
+        for name in ("epochs", "batch_size", "global_views", "out_dim", "head_hidden_dim", "head_bottleneck_dim",
+                     "head_layers", "log_every"):
+            _require(self, name, lambda v: v >= 1, ">= 1")
+        for name in ("depth", "embed_dim", "num_heads"):
+            _require(self, name, lambda v: v is None or v >= 1, ">= 1")
+        if self.embed_dim is not None and self.num_heads is not None and self.embed_dim % self.num_heads:
+            raise ValueError(f"--embed-dim {self.embed_dim} must be divisible by --num-heads {self.num_heads}")
+        for name in ("local_views", "freeze_last_layer"):
+            _require(self, name, lambda v: v >= 0, ">= 0")
+        for name in ("lr", "teacher_temp", "warmup_teacher_temp", "student_temp"):
+            _require(self, name, lambda v: 0 < v < math.inf, "a positive finite number")
+        for name in ("min_lr", "weight_decay", "weight_decay_end", "clip_grad"):
+            _require(self, name, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+        for name in ("global_keep", "local_keep"):
+            _require(self, name, lambda v: 0 < v <= 1, "in (0, 1]")
+        for name in ("momentum_teacher", "center_momentum", "noise"):
+            _require(self, name, lambda v: 0 <= v <= 1, "in [0, 1]")
+        for name in ("drop_path", "contrast"):
+            _require(self, name, lambda v: 0 <= v < 1, "in [0, 1)")
+        if self.teacher_views not in ("global", "all"):
+            raise ValueError(f"--teacher-views must be 'global' or 'all', got {self.teacher_views!r}")
+        if self.warmup_epochs is None:
+            self.warmup_epochs = min(3, self.epochs)
+        for name in ("warmup_epochs", "warmup_teacher_temp_epochs"):
+            _require(self, name, lambda v: 0 <= v <= self.epochs, f"in [0, --epochs {self.epochs}]")
+
+    def _check_shards(self) -> None:
         if not self.shards:
             raise ValueError("shards: give at least one shard file")
-        for name in ("epochs", "batch_size", "global_views", "out_dim", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.local_views < 0:
-            raise ValueError(f"local_views must be >= 0, got {self.local_views}")
-        for name in ("global_keep", "local_keep"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
-        if self.teacher_views not in ("global", "all"):
-            raise ValueError(f"teacher_views must be 'global' or 'all', got {self.teacher_views!r}")
-        if not 0 <= self.contrast < 1:
-            raise ValueError(f"contrast must be in [0, 1), got {self.contrast}")
-        if not 0 <= self.noise <= 1:
-            raise ValueError(f"noise must be in [0, 1], got {self.noise}")
-        if not 0 <= self.warmup_epochs <= self.epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
+        seen = {}
+        for path in self.shards:
+            real = os.path.realpath(path)
+            if real in seen:
+                raise ValueError(f"shards: {seen[real]} and {path} are the same file; give each shard once")
+            seen[real] = path
 
     def model_overrides(self) -> dict:
         """Architecture overrides passed to ``timm.create_model``."""
@@ -89,6 +110,17 @@ class PretrainConfig:
 
     # Settings that may change on --resume without changing the result.
     RUNTIME_ONLY = ("out", "device", "resume", "progress", "log_every")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _require(config: PretrainConfig, name: str, valid: Callable[[Any], bool], requirement: str) -> None:
+    """A ValueError naming the flag unless ``valid(value)`` (comparisons with NaN are false: NaN never passes)."""
+    value = getattr(config, name)
+    if not valid(value):
+        raise ValueError(f"{_flag(name)} must be {requirement}, got {value}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -102,6 +102,9 @@ def create_backbone(arch: str, *, image_size: Sequence[int], patch_size: int, in
         model = timm.create_model(arch, **kwargs)
     except TypeError:  # a non-ViT family rejects the ViT keyword arguments
         model = None
+    except AssertionError as error:  # timm's check of the shape, e.g. a width the heads do not divide
+        given = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items()) or "its own shape"
+        raise ValueError(f"--arch {arch!r} with {given}: {error or 'timm refused the shape'}") from None
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"--arch {arch!r} is not a timm VisionTransformer")
     if model.cls_token is None or model.global_pool != "token":
