@@ -2,13 +2,18 @@
 
 Every subcommand runs inside :func:`main`'s one error handler: a user error (a missing or foreign file, a corrupt
 shard, a bad flag value, a backend that is not built here) prints one line ``msd-fast <command>: error: <message>``
-on stderr and exits with status 2; ``--debug`` shows the traceback instead. Ctrl-C exits with status 130.
+on stderr and exits with status 2; ``--debug`` shows the traceback instead. A bug prints its traceback and says so
+(status 1); Ctrl-C exits with status 130, SIGTERM with 143, and neither leaves a half-written file.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
 import sys
 import traceback
+import warnings
+from typing import Iterator
 
 from .atomic import Terminated, terminate_as_exit
 from .backends import BackendUnavailableError
@@ -58,11 +63,32 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's own refusals (an unknown flag, a value of the wrong type, a bad choice) as one line and exit status 2,
+    like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+@contextlib.contextmanager
+def one_line_warnings(command: str) -> Iterator[None]:
+    """Warnings print as ``msd-fast <command>: warning: <message>``, one line, without a source excerpt."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"msd-fast {command}: warning: {_one_line(message)}", file=sys.stderr)
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="msd-fast", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="msd-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     report = commands.add_parser("backends", help="which kernel backends are available here, and why not")
     report.set_defaults(run=_backends)
     demo = commands.add_parser("encrypt-demo", help="encrypt/decrypt synthetic scans and write a side-by-side PNG")
@@ -147,13 +173,22 @@ def _one_line(error: BaseException) -> str:
     return "; ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
+def _as_flag(message: str, args: argparse.Namespace) -> str:
+    """A message from a lower layer that starts with a setting's Python name (``batch_size must be ...``) names the
+    command-line flag instead (``--batch-size must be ...``)."""
+    match = re.match(r"([a-z][a-z0-9_]*)\b", message)
+    if match and match[1] in vars(args) and match[1] not in ("run", "command", "out_kind", "debug"):
+        return "--" + match[1].replace("_", "-") + message[match.end():]
+    return message
+
+
 def main(argv: list | None = None) -> int:
     """Parse ``argv``, check the command's outputs, run it; returns the exit status: 0, 2 on a user error (one line),
     1 on an internal error (the traceback, then a line saying it is a bug), 130 on Ctrl-C, 143 on SIGTERM -- in
     every case the files being written are removed, none is left half-written."""
     args = build_parser().parse_args(argv)
     try:
-        with terminate_as_exit():
+        with terminate_as_exit(), one_line_warnings(args.command):
             check_command(args)
             check_outputs(args)
             return args.run(args)
@@ -168,7 +203,7 @@ def main(argv: list | None = None) -> int:
     except USER_ERRORS as error:
         if args.debug:
             raise
-        print(f"msd-fast {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"msd-fast {args.command}: error: {_as_flag(_one_line(error), args)}", file=sys.stderr)
         return 2
     except Exception:  # not the user's input: a bug of ours, shown in full
         if args.debug:

@@ -26,6 +26,7 @@ import torch
 from .checks import resolve_device
 from .client import encode_dataset
 from .data import ImageSet, label_fraction_subset, load_dataset, split_clients, train_test_split
+from .data.convert import check_image_size
 from .downstream import (FedAvgSettings, LabelledSplit, Recipe, build_classifier, fedavg_baseline,
                          finetune_and_evaluate, probe)
 from .downstream.communication import Communication, file_bytes
@@ -101,6 +102,8 @@ class DemoConfig:
             raise ValueError(f"--workers must be an integer >= 0, got {self.workers!r}")
         if self.alpha is not None and not self.alpha > 0:
             raise ValueError(f"--alpha must be > 0, got {self.alpha}")
+        if self.image_size is not None:
+            check_image_size(self.image_size, "--image-size")
 
     def fractions(self) -> list[float]:
         """The label fractions, in the order given."""
@@ -145,7 +148,9 @@ class Demo:
 
         config = self.config
         started = time.perf_counter()
+        self.check_settings()  # every composed setting, before anything is read or written
         dataset = self.load_data()  # bad --data fails here, before anything is written
+        self.check_sizes(dataset)
         os.makedirs(config.out, exist_ok=True)
         key = self.consortium_key()
         seeds = [config.seed + i for i in range(config.seeds)]
@@ -202,6 +207,28 @@ class Demo:
             self.stage(f"seed {seed}: label fraction {fraction:g}")
             fractions[str(fraction)] = self.evaluate_fraction(data, model_path, key, seed, fraction, ours)
         return {"seed": seed, "pretrain_history": summary["history"], "upper_bound": upper, "fractions": fractions}
+
+    # ---- checks (before any work) ----------------------------------------------------------------------------------
+    def check_settings(self) -> None:
+        """Build the pretraining config, the recipe and the FedAvg settings the run will use, so that their own
+        checks refuse a bad value now rather than after the first seed's encoding (messages name the flag)."""
+        self.pretrain_config(["<shards>"], self.config.out, self.config.seed)
+        self.recipe(self.config.seed)
+        self.recipe(self.config.seed, self.config.upper_bound_steps)
+        FedAvgSettings(rounds=self.config.fedavg_rounds,
+                       local_steps=max(1, self.config.finetune_steps // self.config.fedavg_rounds))
+
+    def check_sizes(self, dataset: ImageSet) -> None:
+        """Enough images for the held-out test set, every client and one pretraining batch."""
+        config = self.config
+        n = len(dataset)
+        n_train = n - int(round(config.test_fraction * n))
+        if n_train < config.pretrain_batch_size:
+            raise ValueError(f"--data: {n} images leave {n_train} for training after the --test-fraction "
+                             f"{config.test_fraction:g} test set, fewer than one --pretrain-batch-size "
+                             f"({config.pretrain_batch_size})")
+        if n_train < 2 * config.clients:
+            raise ValueError(f"--data: {n_train} training images cannot be split over --clients {config.clients}")
 
     # ---- stages ----------------------------------------------------------------------------------------------------
     def load_data(self) -> ImageSet:

@@ -152,10 +152,6 @@ class Key:
     def load(cls, path: Union[str, os.PathLike]) -> "Key":
         """Read a key written by :meth:`save`; raises ``ValueError`` (naming the file, not its content) if invalid."""
         path = os.fspath(path)
-        mode = os.stat(path).st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            warnings.warn(f"key file {path} is readable by other users (mode {stat.filemode(mode)}); chmod 600 it",
-                          stacklevel=2)
         with open(path, "rb") as handle:
             problem, secret, fingerprint = _parse_key_file(handle.read(4096))
         if problem is not None:  # raised here, where no local holds the file's content
@@ -165,6 +161,10 @@ class Key:
         if fingerprint != key.fingerprint:
             del key
             raise ValueError(f"{path}: key file is corrupted (fingerprint does not match)") from None
+        mode = os.stat(path).st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            warnings.warn(f"key file {path} is readable by other users (mode {stat.filemode(mode)}); chmod 600 it",
+                          stacklevel=2)
         return key
 
     # ---- derived material ---------------------------------------------------------------------------------------

@@ -28,7 +28,23 @@ def inputs(tmp_path_factory):
     shard = str(folder / "client.shard")
     encode_dataset(synthetic_dataset(16, size=32), KEY, shard, patch_size=8, progress=False)
     same_shard = os.path.join(str(folder), ".", "client.shard")  # pathlib would drop the "."
-    return {"key": str(folder / "consortium.key"), "shard": shard, "same_shard": same_shard}
+    other_key = Key.from_secret(b"another consortium")
+    other_key.save(folder / "other.key")
+    foreign = str(folder / "foreign.shard")  # the same images under another key
+    encode_dataset(synthetic_dataset(16, size=32), other_key, foreign, patch_size=8, progress=False)
+    patch16 = str(folder / "patch16.shard")
+    encode_dataset(synthetic_dataset(16, size=32), KEY, patch16, patch_size=16, progress=False)
+    raw = open(shard, "rb").read()
+    (folder / "truncated.shard").write_bytes(raw[:len(raw) // 2])
+    flipped = bytearray(raw)
+    flipped[-40] ^= 0xFF
+    (folder / "flipped.shard").write_bytes(bytes(flipped))
+    (folder / "notes.txt").write_text("not a key, a shard, a checkpoint or a model\n")
+    (folder / "empty").mkdir()
+    return {"key": str(folder / "consortium.key"), "shard": shard, "same_shard": same_shard, "foreign": foreign,
+            "patch16": patch16, "truncated": str(folder / "truncated.shard"),
+            "flipped": str(folder / "flipped.shard"), "notes": str(folder / "notes.txt"),
+            "empty": str(folder / "empty"), "missing": str(folder / "no_such_file")}
 
 
 PRETRAIN = ["pretrain", "{shard}", "--out", "{out}", "--batch-size", "8", "--no-progress"]
@@ -70,6 +86,51 @@ CLI_CASES = [
     (["probe", "--data", "synthetic:16", "--device", "cpu", "--out", "{out}", "--image-size", "9000"],
      "--image-size must be at most 8192"),
     (["finetune", "--data", "synthetic:16", "--device", "cpu", "--out", "{out}", "--lr", "nan"], "--lr must be"),
+    # files that are missing, foreign, damaged or do not belong together
+    (["pretrain", "{missing}", "--out", "{out}"], "No such file or directory"),
+    (["pretrain", "{notes}", "--out", "{out}"], "is not an msd_fast shard"),
+    (PRETRAIN[:1] + ["{truncated}"] + PRETRAIN[2:], "file is truncated"),
+    (PRETRAIN[:1] + ["{flipped}"] + PRETRAIN[2:], "checksum mismatch"),
+    (PRETRAIN[:2] + ["{foreign}"] + PRETRAIN[2:], "encoded with a different key"),
+    (PRETRAIN[:2] + ["{patch16}"] + PRETRAIN[2:], "patch_size differ"),
+    (PRETRAIN + ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (PRETRAIN + ["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (PRETRAIN + ["--global-keep", "0"], "--global-keep must be in (0, 1]"),
+    (PRETRAIN + ["--device", "tpu"], "--device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["export", "--checkpoint", "{notes}", "--out", "{out}"], "is not a readable msd_fast checkpoint"),
+    (["export", "--checkpoint", "{missing}", "--out", "{out}"], "No such file or directory"),
+    (["keygen", "--out", "{out}", "--secret-file", "{missing}"], "No such file or directory"),
+    (["encode", "--key", "{missing}", "--data", "synthetic:4", "--out", "{out}"], "No such file or directory"),
+    (["encode", "--key", "{notes}", "--data", "synthetic:4", "--out", "{out}"], "not an msd_fast key file"),
+    (["encode", "--key", "{key}", "--data", "{empty}", "--out", "{out}"], "no images found"),
+    (["encode", "--key", "{key}", "--data", "{missing}", "--out", "{out}"], "no such file or folder"),
+    (["encode", "--key", "{key}", "--data", "synthetic:0", "--out", "{out}"], "N a positive integer"),
+    (["encode", "--key", "{key}", "--data", "synthetic:4", "--patch-size", "7", "--out", "{out}"],
+     "patch size 7 does not divide the image size 32x32"),
+    (["encode", "--key", "{key}", "--data", "synthetic:4", "--batch-size", "0", "--out", "{out}"],
+     "--batch-size must be a positive int, got 0"),
+    (["encode", "--key", "{key}", "--data", "synthetic:8", "--clients", "2", "--client-index", "5", "--out", "{out}"],
+     "--client-index must be in [0, 2), got 5"),
+    (["encode", "--key", "{key}", "--data", "synthetic:4", "--device", "cuda:7", "--out", "{out}"], "--device cuda:7"),
+    (["finetune", "--model", "{notes}", "--key", "{key}", "--data", "synthetic:16", "--out", "{out}"],
+     "is not a safetensors file"),
+    (["probe", "--model", "{missing}", "--key", "{key}", "--data", "synthetic:16", "--out", "{out}"],
+     "No such file or directory"),
+    (["fedavg", "--data", "synthetic:16", "--clients", "0", "--patch-size", "8", "--out", "{out}"],
+     "--clients must be a positive integer, got 0"),
+    (["fedavg", "--data", "synthetic:16", "--clients", "2", "--rounds", "0", "--patch-size", "8", "--out", "{out}"],
+     "--rounds must be a positive int, got 0"),
+    (["fedavg", "--data", "synthetic:16", "--clients", "50", "--patch-size", "8", "--out", "{out}"],
+     "cannot give 50 clients at least one image each"),
+    # the demo checks every composed setting and the data size before it writes anything
+    (["demo", "--out", "{out}", "--clients", "0"], "--clients must be a positive integer, got 0"),
+    (["demo", "--out", "{out}", "--data", "synthetic:5"], "fewer than one --pretrain-batch-size"),
+    (["demo", "--out", "{out}", "--image-size", "0"], "--image-size must be a positive int"),
+    (["demo", "--out", "{out}", "--embed-dim", "50", "--num-heads", "3"], "--embed-dim 50 must be divisible"),
+    (["demo", "--out", "{out}", "--contrast", "2"], "--contrast must be in [0, 1)"),
+    (["demo", "--out", "{out}", "--label-fractions", "0"], "--label-fractions must be numbers in (0, 1]"),
+    (["demo", "--out", "{out}", "--device", "cuda:9"], "--device cuda:9"),
+    (["encrypt-demo", "--out", "{out}", "--key", "{notes}"], "not an msd_fast key file"),
 ]
 
 
@@ -82,6 +143,56 @@ def test_bad_cli_input_is_one_line_exit_status_2_and_writes_nothing(argv, messag
     assert captured.err.count("\n") == 1 and captured.err.startswith(f"msd-fast {argv[0]}: error: "), captured.err
     assert message in captured.err and "Traceback" not in captured.err, captured.err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+OUT_CASES = [["pretrain", "{shard}", "--out", "{out}"], ["demo", "--out", "{out}"], ["audit", "--quick", "--out", "{out}"],
+             ["encrypt-demo", "--out", "{out}"],
+             ["finetune", "--data", "synthetic:16", "--patch-size", "8", "--init", "random", "--out", "{out}"]]
+
+
+@pytest.mark.parametrize("argv", OUT_CASES, ids=[a[0] for a in OUT_CASES])
+def test_an_out_folder_that_is_a_file_is_refused_before_any_work(argv, inputs, tmp_path, capsys):
+    blocker = tmp_path / "out"
+    blocker.write_text("keep")
+    assert main([arg.format(out=blocker, **inputs) for arg in argv]) == 2
+    assert capsys.readouterr().err == f"msd-fast {argv[0]}: error: --out {blocker} is a file, not a folder\n"
+    assert blocker.read_text() == "keep" and list(tmp_path.iterdir()) == [blocker]
+
+
+@pytest.mark.parametrize("argv", [["keygen", "--out", "{out}"], ["export", "--checkpoint", "{notes}", "--out", "{out}"],
+                                  ["encode", "--key", "{key}", "--data", "synthetic:4", "--out", "{out}"]],
+                         ids=["keygen", "export", "encode"])
+def test_an_out_file_that_is_a_folder_or_exists_is_refused_before_any_work(argv, inputs, tmp_path, capsys):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    assert main([arg.format(out=folder, **inputs) for arg in argv]) == 2
+    assert capsys.readouterr().err == f"msd-fast {argv[0]}: error: --out {folder} is a folder, not a file\n"
+    existing = tmp_path / "existing"
+    existing.write_text("keep")
+    assert main([arg.format(out=existing, **inputs) for arg in argv]) == 2
+    assert "exists; refusing to replace it (--force on the command line" in capsys.readouterr().err
+    assert existing.read_text() == "keep"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain", "x.shard", "--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+    (["demo", "--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
+    (["encode", "--data", "synthetic"], "the following arguments are required: --key, --out"),
+    (["no-such-command"], "argument command: invalid choice: 'no-such-command'"),
+], ids=["bad choice", "bad type", "missing flags", "unknown command"])
+def test_argparse_refusals_are_one_line_too(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "usage:" not in err, err
+
+
+def test_a_world_readable_file_that_is_not_a_key_gets_only_the_error(inputs, tmp_path, capsys):
+    os.chmod(inputs["notes"], 0o644)
+    argv = ["encode", "--key", inputs["notes"], "--data", "synthetic:4", "--out", str(tmp_path / "x.shard")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.count("\n") == 1  # no permission warning about a file that is not a key
 
 
 def test_pretrain_for_one_epoch_uses_the_adaptive_warm_up_and_resumes(inputs, tmp_path, capsys):

@@ -365,6 +365,8 @@ def run_probe(args: argparse.Namespace) -> int:
 
 
 def run_fedavg(args: argparse.Namespace) -> int:
+    if isinstance(args.clients, bool) or args.clients < 1:
+        raise ValueError(f"--clients must be a positive integer, got {args.clients}")
     started = time.perf_counter()
     device = resolve_device(args.device)
     _init(args)
