@@ -161,7 +161,7 @@ def test_simulated_clients_make_compatible_shards(tmp_path, key_file, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--patch-size", "12"], "patch size 12 does not divide the image size 32x32.*--image-size 36"),
     (["--clients", "3"], "--clients N and --client-index i go together"),
-    (["--clients", "3", "--client-index", "3"], r"client_index must be in \[0, 3\)"),
+    (["--clients", "3", "--client-index", "3"], r"--client-index must be in \[0, 3\)"),
     (["--no-block-scramble", "--no-pixel-shuffle"], "plain images"),
     (["--no-block-scramble", "--per-sample"], "needs block_scramble"),
     (["--mode", "token", "--negpos"], "negpos only apply to mode='image'"),

@@ -19,20 +19,22 @@ def _temporaries(folder):
     return sorted(name for name in os.listdir(folder) if name.startswith(".msd_fast-"))
 
 
-def test_sigterm_during_encode_leaves_neither_a_temporary_nor_a_shard(tmp_path):
+@pytest.mark.parametrize("signum, status, last_line", [(signal.SIGTERM, 143, "terminated"),
+                                                       (signal.SIGINT, 130, "interrupted")], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_encode_leaves_neither_a_temporary_nor_a_shard(tmp_path, signum, status, last_line):
     Key.generate().save(tmp_path / "k.key")
     out = tmp_path / "big.shard"
     process = subprocess.Popen([sys.executable, "-m", "msd_fast.cli", "encode", "--key", str(tmp_path / "k.key"),
-                                "--data", "synthetic:30000", "--patch-size", "8", "--out", str(out)],
+                                "--data", "synthetic:20000", "--patch-size", "8", "--out", str(out)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not _temporaries(tmp_path) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _temporaries(tmp_path), "encode never started writing (or finished too fast to interrupt)"
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 143, stderr
-    assert stderr.strip().splitlines()[-1] == "msd-fast encode: terminated"
+    assert process.returncode == status, stderr
+    assert stderr.strip().splitlines()[-1] == f"msd-fast encode: {last_line}"
     assert "Traceback" not in stderr
     assert _temporaries(tmp_path) == [] and not out.exists()
 

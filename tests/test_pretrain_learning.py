@@ -101,7 +101,7 @@ def test_teacher_on_all_tokens_and_the_monitor_are_logged(shards, tmp_path, monk
 
 
 def test_new_settings_are_checked(shards, tmp_path):  # noqa: F811
-    for change, message in ((dict(teacher_views="some"), "teacher_views"), (dict(contrast=1.5), "contrast"),
-                            (dict(noise=-0.1), "noise")):
+    for change, message in ((dict(teacher_views="some"), "--teacher-views"), (dict(contrast=1.5), "--contrast"),
+                            (dict(noise=-0.1), "--noise")):
         with pytest.raises(ValueError, match=message):
             tiny_config(shards, tmp_path, **change)
