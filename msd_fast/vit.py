@@ -1,4 +1,8 @@
-"""timm ViT integration: forward on masked-sampling views, and the exact model-side key transform.
+"""timm ViT integration: the one factory of every ViT we build, forward on masked-sampling views, and the exact
+model-side key transform.
+
+:func:`build_vit` makes every ViT of the package (the server's backbone, the client's random-init baseline, a loaded
+export) from a timm name and keyword arguments, and turns timm's refusals into one ``ValueError`` naming ``--arch``.
 
 :func:`forward_views` runs a ``VisionTransformer`` on views of already-embedded patch tokens built by one fused
 :func:`~msd_fast.masked_gather`.
@@ -28,6 +32,7 @@ import copy
 from typing import Optional, Sequence, Union
 
 import torch
+import timm
 from timm.layers import PatchEmbed
 from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
@@ -38,6 +43,28 @@ from .ops._checks import check_max_value
 from .ops.masked_gather import masked_gather
 
 Stats = Union[float, Sequence[float], None]
+
+
+
+def build_vit(arch: str, **kwargs) -> VisionTransformer:
+    """``timm.create_model(arch, pretrained=False, **kwargs)``, required to be a ``VisionTransformer``.
+
+    Raises ``ValueError`` naming ``--arch`` when ``arch`` is not a timm name, not a ViT (a non-ViT family rejects
+    the ViT keyword arguments or builds something else), or when timm refuses the shape (e.g. a width the heads do
+    not divide; the architecture overrides among ``kwargs`` are named as flags)."""
+    if not timm.is_model(arch):
+        raise ValueError(f"--arch {arch!r} is not a timm model name (see timm.list_models('vit_*'))")
+    try:
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+    except TypeError:
+        model = None
+    except AssertionError as error:
+        given = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in kwargs.items()
+                          if k in ("depth", "embed_dim", "num_heads")) or "its own shape"
+        raise ValueError(f"--arch {arch!r} with {given}: {error or 'timm refused the shape'}") from None
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"--arch {arch!r} is not a timm VisionTransformer")
+    return model
 
 
 def _check_vit(model: nn.Module, patch_size: Optional[int]) -> int:

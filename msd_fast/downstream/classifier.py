@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -21,7 +20,7 @@ from ..keys import Key
 from ..ops.patch_encryption import encrypt_patches
 from ..pretrain.export import load_exported
 from ..token_embedding import TokenEmbedder
-from ..vit import decrypt_vit, forward_views
+from ..vit import build_vit, decrypt_vit, forward_views
 
 DOMAINS = ("plain", "encrypted")
 
@@ -99,17 +98,10 @@ def pretrained_classifier(path: str, key: Key, n_classes: int, *, mean: float, s
 def random_classifier(arch: str, n_classes: int, *, image_size, patch_size: int, in_chans: int, mean: float,
                       std: float, seed: int = 0, **model_kwargs) -> ImageClassifier:
     """The fine-tuning-only baseline: the same timm ViT, randomly initialised (seeded), on standardised images.
-    ``image_size`` is ``(H, W)``; ``model_kwargs`` go to ``timm.create_model`` (e.g. depth, embed_dim, num_heads)."""
-    if not timm.is_model(arch):
-        raise ValueError(f"arch {arch!r} is not a timm model name (see timm.list_models('vit_*'))")
+    ``image_size`` is ``(H, W)``; ``model_kwargs`` go to :func:`~msd_fast.vit.build_vit` (e.g. depth, embed_dim, num_heads)."""
     torch.manual_seed(seed)
-    try:
-        vit = timm.create_model(arch, pretrained=False, num_classes=n_classes, img_size=tuple(image_size),
-                                patch_size=patch_size, in_chans=in_chans, **model_kwargs)
-    except TypeError:  # a non-ViT family rejects the ViT keyword arguments
-        vit = None
-    if not isinstance(vit, VisionTransformer):
-        raise ValueError(f"arch {arch!r} is not a timm VisionTransformer")
+    vit = build_vit(arch, num_classes=n_classes, img_size=tuple(image_size), patch_size=patch_size, in_chans=in_chans,
+                    **model_kwargs)
     return ImageClassifier(vit, mean=mean, std=std)
 
 

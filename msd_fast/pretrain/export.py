@@ -17,6 +17,7 @@ from safetensors.torch import save as safetensors_bytes
 from timm.models.vision_transformer import VisionTransformer
 
 from ..atomic import atomic_write, refuse_existing
+from ..vit import build_vit
 from .checkpoint import load_checkpoint
 from .model import create_backbone
 
@@ -87,11 +88,10 @@ def read_export_metadata(path: str) -> dict:
 
 def load_exported(path: str) -> tuple[VisionTransformer, dict]:
     """``(timm VisionTransformer with the pretrained weights, metadata)`` of an exported backbone."""
-    import timm
     from safetensors.torch import load_file
 
     metadata = read_export_metadata(path)
-    model = timm.create_model(metadata["arch"], pretrained=False, **metadata["model_kwargs"])
+    model = build_vit(metadata["arch"], **metadata["model_kwargs"])
     if metadata["patch_embed_bias_added"] and model.patch_embed.proj.bias is None:
         model.patch_embed.proj.bias = torch.nn.Parameter(torch.zeros(model.embed_dim))
     model.load_state_dict(load_file(path), strict=True)

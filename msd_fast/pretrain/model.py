@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import timm
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
@@ -17,7 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..ops.masked_gather import mark_index_range
-from ..vit import forward_views
+from ..vit import build_vit, forward_views
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
@@ -92,21 +91,11 @@ def create_backbone(arch: str, *, image_size: Sequence[int], patch_size: int, in
                     drop_path_rate: float = 0.0, **overrides) -> VisionTransformer:
     """A timm ViT by name without classifier (``num_classes=0``), for this geometry. In token mode the clients
     already added a (key-derived) position embedding, so the model has none (``pos_embed='none'``)."""
-    kwargs = dict(pretrained=False, num_classes=0, img_size=tuple(image_size), patch_size=patch_size,
-                  in_chans=in_chans, drop_path_rate=drop_path_rate, **overrides)
+    kwargs = dict(num_classes=0, img_size=tuple(image_size), patch_size=patch_size, in_chans=in_chans,
+                  drop_path_rate=drop_path_rate, **overrides)
     if token_mode:
         kwargs["pos_embed"] = "none"
-    if not timm.is_model(arch):
-        raise ValueError(f"--arch {arch!r} is not a timm model name (see timm.list_models('vit_*'))")
-    try:
-        model = timm.create_model(arch, **kwargs)
-    except TypeError:  # a non-ViT family rejects the ViT keyword arguments
-        model = None
-    except AssertionError as error:  # timm's check of the shape, e.g. a width the heads do not divide
-        given = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items()) or "its own shape"
-        raise ValueError(f"--arch {arch!r} with {given}: {error or 'timm refused the shape'}") from None
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"--arch {arch!r} is not a timm VisionTransformer")
+    model = build_vit(arch, **kwargs)
     if model.cls_token is None or model.global_pool != "token":
         raise ValueError(f"--arch {arch!r}: masked sampling distillation uses the class token (global_pool='token')")
     return model
