@@ -178,7 +178,8 @@ def _integer_indices(indices) -> torch.Tensor:
 def decrypt_shard(shard, key: Key, indices=None) -> torch.Tensor:
     """Undo :func:`encode_dataset` for the items at ``indices`` (default all) of a shard (a path or an opened
     :class:`~msd_fast.shards.Shard`): image mode -> the original uint8 images ``[b, C, H, W]``; token mode -> the
-    key-embedded tokens in their original order ``[b, N, D]`` (the shard's dtype). Needs the shard's key."""
+    key-embedded tokens in their original order ``[b, N, D]`` (the shard's dtype); a single int index gives that one
+    item without the batch dimension. Needs the shard's key."""
     require_key(key)
     shard = shard if isinstance(shard, Shard) else open_shard(shard)
     meta = shard.metadata
@@ -186,6 +187,8 @@ def decrypt_shard(shard, key: Key, indices=None) -> torch.Tensor:
         raise ValueError(f"{shard.path} was encoded with key fingerprint {meta.key_fingerprint}, not with this key "
                          f"({key.fingerprint})")
     rows = torch.arange(len(shard)) if indices is None else _integer_indices(indices)
+    if rows.dim() == 0:  # one item: decrypted as a batch of one, returned without the batch dimension
+        return decrypt_shard(shard, key, rows.view(1))[0]
     items = shard[rows]
     options = meta.encryption
     ids = options.get("sample_id_start", 0) + rows

@@ -235,3 +235,6 @@ def test_decrypt_shard_accepts_integer_indices(inputs):
     assert torch.equal(decrypt_shard(inputs["shard"], KEY, [3, 7]), everything[[3, 7]])
     assert torch.equal(decrypt_shard(inputs["shard"], KEY, torch.tensor([5], dtype=torch.int32)), everything[[5]])
     assert decrypt_shard(inputs["shard"], KEY, []).shape[0] == 0
+    assert torch.equal(decrypt_shard(inputs["shard"], KEY, 3), everything[3])  # one int: one item
+    with pytest.raises(IndexError, match="out of range for 16 items"):
+        decrypt_shard(inputs["shard"], KEY, [16])
