@@ -315,12 +315,9 @@ def _finish(args: argparse.Namespace, name: str, results: dict) -> None:
 # ---- commands ------------------------------------------------------------------------------------------------------
 
 def _recipe(args: argparse.Namespace, **changes) -> Recipe:
-    """The shared recipe from the flags; its own checks name the setting, reported here as the flag."""
-    try:
-        return Recipe(lr=args.lr, batch_size=args.batch_size, val_fraction=args.val_fraction, flips=args.flips,
-                      refit_head=args.refit_head, seed=args.seed, **changes)
-    except ValueError as error:
-        raise ValueError("--" + str(error).replace("_", "-", 1)) from None
+    """The shared recipe from the flags (its checks name the setting; the CLI's handler reports it as the flag)."""
+    return Recipe(lr=args.lr, batch_size=args.batch_size, val_fraction=args.val_fraction, flips=args.flips,
+                  refit_head=args.refit_head, seed=args.seed, **changes)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
