@@ -1,7 +1,8 @@
 """The consortium key: generation, derivation of sub-keys and permutations, safe storage.
 
 A :class:`Key` holds a 32-byte secret. Independent sub-keys are derived from it with keyed BLAKE2b, one per
-purpose (block scrambling, pixel shuffling, negative-positive, per-sample blocks, per-sample tokens); each
+purpose (block scrambling, pixel shuffling, negative-positive, per-sample blocks, per-sample tokens, the dense
+block matrix); each
 permutation is the stable argsort of a SHAKE-256 keystream of 64-bit words seeded by a sub-key and the geometry
 (and sample id). Only ``hashlib`` and ``numpy`` are involved, so one secret gives the same permutations on every
 machine, backend and torch version.
@@ -210,6 +211,24 @@ class Key:
         n_values = _positive(n_values, "n_values")
         words = self._keystream("uniform:" + purpose, n_values, n_values, *context)
         return torch.from_numpy((words >> np.uint64(11)).astype(np.float64) * 2.0**-52 - 1.0)
+
+    def block_matrix(self, n_values: int) -> torch.Tensor:
+        """The dense block transform of the ``L = C*p*p`` values of a block: a random orthogonal matrix, float64
+        ``[n_values, n_values]`` (Haar-distributed: the Q of a QR factorisation of a key-derived Gaussian matrix, the
+        signs fixed by R's diagonal). Orthogonal by construction, so never singular or ill-conditioned (condition
+        number 1); its inverse is its transpose. The Gaussians come from the keystream through Box-Muller; the
+        matrix is the same on every machine up to float64 rounding (LAPACK), far below any ciphertext precision."""
+        n_values = _positive(n_values, "n_values")
+        return self.cached(("block-matrix", n_values), lambda: self._orthogonal(n_values))
+
+    def _orthogonal(self, n: int) -> torch.Tensor:
+        words = self._keystream("block-matrix", n * n + (n * n) % 2, n)
+        uniform = ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53   # in (0, 1), never 0
+        radius = np.sqrt(-2.0 * np.log(uniform[0::2]))
+        angle = 2.0 * np.pi * uniform[1::2]
+        gaussian = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n * n].reshape(n, n)
+        q, r = np.linalg.qr(gaussian)
+        return torch.from_numpy(np.ascontiguousarray(q * np.where(np.diag(r) < 0, -1.0, 1.0)))
 
     def cached(self, slot: tuple, build):
         """``build()``, memoised per key under the hashable ``slot`` (small LRU); for per-geometry tables."""
