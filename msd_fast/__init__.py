@@ -3,7 +3,9 @@
 Public API (each op takes ``backend="auto"``; see :func:`backends`):
 
 * :class:`Key` -- the consortium key (generate, derive, save/load, fingerprint).
-* :func:`encrypt_patches` / :func:`decrypt_patches` -- block-wise image encryption for ViTs.
+* :func:`encrypt_blocks` / :func:`decrypt_blocks` -- the dense key-derived block transform (the default encryption).
+* :func:`encrypt_patches` / :func:`decrypt_patches` -- block-wise permutation encryption (weaker; for comparison).
+* :class:`EncryptionSpec` -- one description of a client's encryption (scheme and options), stored in shards.
 * :func:`permute_tokens` / :func:`unpermute_tokens` -- per-sample token permutation (p-FeSTA mode).
 * :func:`encrypt_vit` / :func:`decrypt_vit` -- the exact model-side key transform of a timm ViT.
 * :func:`sample_views` / :func:`masked_gather` -- masked-sampling views: random kept-token indices, and one fused
@@ -12,7 +14,9 @@ Public API (each op takes ``backend="auto"``; see :func:`backends`):
 """
 from .backends import BackendStatus, BackendUnavailableError, backends
 from .dino import DINOLoss
+from .encryption import EncryptionSpec
 from .keys import Key
+from .ops.block_mixing import decrypt_blocks, encrypt_blocks
 from .ops.dino_loss import dino_loss
 from .ops.masked_gather import masked_gather, sample_views
 from .ops.patch_encryption import decrypt_patches, encrypt_patches
@@ -25,11 +29,14 @@ __all__ = [
     "BackendStatus",
     "BackendUnavailableError",
     "DINOLoss",
+    "EncryptionSpec",
     "Key",
     "backends",
+    "decrypt_blocks",
     "decrypt_patches",
     "decrypt_vit",
     "dino_loss",
+    "encrypt_blocks",
     "encrypt_patches",
     "encrypt_vit",
     "forward_views",

@@ -4,8 +4,9 @@
 :func:`~msd_fast.shards.write_shard` (a temporary file renamed into place when complete), so data larger than memory
 works and nothing half-written is ever left at the output path. Two modes:
 
-* ``image``: :func:`~msd_fast.encrypt_patches` -- block scrambling, pixel shuffling and (optionally)
-  negative-positive, with one key-wide block order or (``per_sample``) one per image. uint8 ``[n, C, H, W]``.
+* ``image``: the :class:`~msd_fast.encryption.EncryptionSpec` -- by default the key's dense orthogonal block
+  transform with one key-wide block order (``per_sample``: one per image), float16 ``[n, C, H, W]``; the older
+  permutation scheme (block scrambling, pixel shuffling, negative-positive; uint8) stays available for comparison.
 * ``token``: the key-derived :class:`~msd_fast.token_embedding.TokenEmbedder` embeds each image into ``N`` tokens
   (patch + position embedding) and :func:`~msd_fast.permute_tokens` shuffles every image's tokens with its own
   key-derived order (p-FeSTA). ``[n, N, D]`` float16 (or float32).
@@ -21,21 +22,22 @@ import argparse
 import os
 import secrets
 import sys
+import warnings
 from typing import Iterator, Optional
 
 import torch
 
 from .data import DataError, ImageSet, check_patch_size, load_dataset, split_clients
 from .data.convert import check_image_size
+from .encryption import CIPHER_DTYPES, SCHEMES, EncryptionSpec
 from .keys import Key, require_key
-from .ops.patch_encryption import decrypt_patches, encrypt_patches
 from .ops.token_permutation import permute_tokens, unpermute_tokens
 from .shards import Shard, ShardMetadata, open_shard, shard_metadata, write_shard
 from .token_embedding import TokenEmbedder
 
 MODES = ("image", "token")
 TOKEN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-MAX_VALUE = 255.0  # shards hold uint8 pixels
+MAX_VALUE = 255.0  # clients encode uint8 pixels
 DEFAULT_EMBED_DIM = 192  # ViT-Tiny's width, the pretraining default architecture
 
 
@@ -70,8 +72,8 @@ def client_subset(images: ImageSet, n_clients: int, client_index: int, *, alpha:
 
 
 def encode_dataset(images: ImageSet, key: Key, out: str, *, patch_size: int = 16, mode: str = "image",
-                   block_scramble: bool = True, pixel_shuffle: bool = True, negpos: bool = False,
-                   per_sample: bool = False, embed_dim: int = DEFAULT_EMBED_DIM, token_dtype: str = "float16",
+                   encryption: Optional[EncryptionSpec] = None, embed_dim: int = DEFAULT_EMBED_DIM,
+                   token_dtype: str = "float16",
                    sample_id_start: Optional[int] = None, client: str = "", batch_size: int = 64,
                    progress: Optional[bool] = None, overwrite: bool = False, device: str = "cpu",
                    backend: str = "auto") -> ShardMetadata:
@@ -83,8 +85,8 @@ def encode_dataset(images: ImageSet, key: Key, out: str, *, patch_size: int = 16
         out: the shard file to create (refused if it exists, unless ``overwrite``).
         patch_size: the ViT's patch size; must divide ``H`` and ``W`` (a :class:`DataError` suggests a resize).
         mode: ``"image"`` (encrypted pixels) or ``"token"`` (key-embedded, per-image permuted tokens).
-        block_scramble, pixel_shuffle, negpos, per_sample: the image-mode transforms (see :func:`encrypt_patches`);
-            at least one of the first three must be on.
+        encryption: the image-mode :class:`~msd_fast.encryption.EncryptionSpec` (default: the dense transform
+            with a key-wide block order, float16); recorded in the shard's metadata.
         embed_dim, token_dtype: token mode: the token width ``D`` (must equal the pretrained ViT's) and storage type.
         sample_id_start: first sample id for per-image orders (per-sample / token mode); random when None.
         client: a public name stored in the metadata.
@@ -112,29 +114,22 @@ def encode_dataset(images: ImageSet, key: Key, out: str, *, patch_size: int = 16
         raise ValueError(f"sample_id_start must be an int in [0, 2**63 - {count + 1}], got {sample_id_start!r}")
 
     if mode == "image":
-        if not (block_scramble or pixel_shuffle or negpos):
-            raise ValueError("block_scramble, pixel_shuffle and negpos are all off: the shard would hold plain images")
-        if per_sample and not block_scramble:
-            raise ValueError("per_sample scrambles the block order per image; it needs block_scramble")
-        encryption = {"block_scramble": bool(block_scramble), "pixel_shuffle": bool(pixel_shuffle),
-                      "negpos": bool(negpos), "max_value": MAX_VALUE, "per_sample": bool(per_sample)}
-        if per_sample:
-            encryption["sample_id_start"] = sample_id_start
-        meta = shard_metadata(mode="image", count=count, item_shape=(C, H, W), dtype="uint8", patch_size=patch_size,
-                              image_size=(H, W), channels=C, key_fingerprint=key.fingerprint, encryption=encryption,
-                              client=client)
+        spec = EncryptionSpec() if encryption is None else encryption
+        if not isinstance(spec, EncryptionSpec):
+            raise TypeError(f"encryption must be an EncryptionSpec, got {type(spec).__name__}")
+        record = spec.to_metadata()
+        if spec.per_sample:
+            record["sample_id_start"] = sample_id_start
+        meta = shard_metadata(mode="image", count=count, item_shape=(C, H, W), dtype=spec.shard_dtype,
+                              patch_size=patch_size, image_size=(H, W), channels=C, key_fingerprint=key.fingerprint,
+                              encryption=record, client=client)
 
         def transform(batch: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-            return encrypt_patches(batch, key, patch_size, block_scramble=block_scramble, pixel_shuffle=pixel_shuffle,
-                                   negpos=negpos, max_value=MAX_VALUE, per_sample=per_sample,
-                                   sample_ids=ids if per_sample else None, backend=backend)
+            return spec.encrypt(batch, key, patch_size, sample_ids=ids, backend=backend)
     else:
-        changed = [name for name, value, default in (("block_scramble", block_scramble, True),
-                                                     ("pixel_shuffle", pixel_shuffle, True), ("negpos", negpos, False),
-                                                     ("per_sample", per_sample, False)) if value != default]
-        if changed:
-            raise ValueError(f"{', '.join(changed)} only apply to mode='image' (token mode embeds, then permutes "
-                             "every image's tokens)")
+        if encryption is not None:
+            raise ValueError("encryption only applies to mode='image' (token mode embeds, then permutes every "
+                             "image's tokens)")
         if token_dtype not in TOKEN_DTYPES:
             raise ValueError(f"token_dtype must be one of {sorted(TOKEN_DTYPES)}, got {token_dtype!r}")
         if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
@@ -190,14 +185,10 @@ def decrypt_shard(shard, key: Key, indices=None) -> torch.Tensor:
     if rows.dim() == 0:  # one item: decrypted as a batch of one, returned without the batch dimension
         return decrypt_shard(shard, key, rows.view(1))[0]
     items = shard[rows]
-    options = meta.encryption
-    ids = options.get("sample_id_start", 0) + rows
+    ids = meta.encryption.get("sample_id_start", 0) + rows
     if meta.mode == "token":
         return unpermute_tokens(items, key, ids)
-    return decrypt_patches(items, key, meta.patch_size, block_scramble=options["block_scramble"],
-                           pixel_shuffle=options["pixel_shuffle"], negpos=options["negpos"],
-                           max_value=options["max_value"], per_sample=options["per_sample"],
-                           sample_ids=ids if options["per_sample"] else None)
+    return EncryptionSpec.from_metadata(meta.encryption).decrypt(items, key, meta.patch_size, sample_ids=ids)
 
 
 # ---- command line --------------------------------------------------------------------------------------------------
@@ -240,10 +231,7 @@ def add_encode_arguments(parser: argparse.ArgumentParser) -> None:
                         help=".npz split / folder split / synthetic draw (default train)")
     parser.add_argument("--mode", choices=MODES, default="image",
                         help="image: encrypted pixels; token: key-embedded, per-image permuted tokens")
-    parser.add_argument("--no-block-scramble", dest="block_scramble", action="store_false")
-    parser.add_argument("--no-pixel-shuffle", dest="pixel_shuffle", action="store_false")
-    parser.add_argument("--negpos", action="store_true", help="add the negative-positive transform")
-    parser.add_argument("--per-sample", action="store_true", help="a different block order for every image")
+    add_encryption_arguments(parser)
     parser.add_argument("--embed-dim", type=int, default=DEFAULT_EMBED_DIM,
                         help=f"token mode: token width D, must equal the ViT's (default {DEFAULT_EMBED_DIM})")
     parser.add_argument("--token-dtype", choices=sorted(TOKEN_DTYPES), default="float16")
@@ -261,6 +249,47 @@ def add_encode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing shard")
 
 
+def add_encryption_arguments(parser: argparse.ArgumentParser) -> None:
+    """The image-mode encryption flags (one :class:`~msd_fast.encryption.EncryptionSpec`), shared by ``encode``
+    and ``demo``."""
+    parser.add_argument("--scheme", choices=SCHEMES, default="dense",
+                        help="dense: the key's orthogonal transform of every block (default); permute: block "
+                             "scrambling + pixel shuffling (+ negative-positive), broken by the audit, for comparison")
+    parser.add_argument("--per-sample", action="store_true", help="a different block order for every image")
+    parser.add_argument("--no-block-scramble", dest="block_scramble", action="store_false",
+                        help="keep every block in place (weak: see SECURITY.md)")
+    parser.add_argument("--no-pixel-shuffle", dest="pixel_shuffle", action="store_false",
+                        help="--scheme permute without pixel shuffling")
+    parser.add_argument("--negpos", action="store_true", help="--scheme permute: add negative-positive")
+    parser.add_argument("--cipher-dtype", choices=sorted(CIPHER_DTYPES), default="float16",
+                        help="--scheme dense: the ciphertext's storage type (default float16: 2 bytes per value)")
+
+
+def encryption_from_arguments(args: argparse.Namespace) -> Optional[EncryptionSpec]:
+    """The spec the encryption flags describe (None in token mode); warns when the audit breaks it."""
+    if getattr(args, "mode", "image") != "image":
+        changed = [flag for flag, on in (("--scheme permute", args.scheme != "dense"), ("--per-sample", args.per_sample),
+                                         ("--no-block-scramble", not args.block_scramble), ("--negpos", args.negpos))
+                   if on]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} only apply to --mode image")
+        return None
+    if args.scheme == "dense" and args.negpos:
+        raise ValueError("--negpos belongs to --scheme permute; the dense transform already mixes every value")
+    spec = EncryptionSpec(scheme=args.scheme, block_scramble=args.block_scramble, per_sample=args.per_sample,
+                          pixel_shuffle=args.scheme == "permute" and args.pixel_shuffle, negpos=args.negpos,
+                          cipher_dtype=args.cipher_dtype)
+    warn_if_weak(spec)
+    return spec
+
+
+def warn_if_weak(spec: EncryptionSpec) -> None:
+    """One warning line naming what the privacy audit recovers from ``spec``, when it is weaker than the default."""
+    weakness = spec.weakness()
+    if weakness is not None:
+        warnings.warn(f"weak encryption ({spec.describe()}): {weakness}; see SECURITY.md", stacklevel=2)
+
+
 def run_encode(args: argparse.Namespace) -> int:
     simulate = args.clients is not None or args.client_index is not None or args.alpha is not None
     if simulate and (args.clients is None or args.client_index is None):
@@ -272,13 +301,13 @@ def run_encode(args: argparse.Namespace) -> int:
         images = client_subset(images, args.clients, args.client_index, alpha=args.alpha, seed=args.seed)
     client = args.client if args.client is not None else os.path.splitext(os.path.basename(args.out))[0]
     meta = encode_dataset(images, key, args.out, patch_size=args.patch_size, mode=args.mode,
-                          block_scramble=args.block_scramble, pixel_shuffle=args.pixel_shuffle, negpos=args.negpos,
-                          per_sample=args.per_sample, embed_dim=args.embed_dim, token_dtype=args.token_dtype,
+                          encryption=encryption_from_arguments(args), embed_dim=args.embed_dim, token_dtype=args.token_dtype,
                           sample_id_start=args.sample_id_start, client=client, batch_size=args.batch_size,
                           overwrite=args.force, device=args.device)
     shape = "x".join(map(str, meta.item_shape))
-    print(f"encoded {meta.count} images ({'x'.join(map(str, images.geometry))} uint8) of {images.description} in "
-          f"{meta.mode} mode (patch {meta.patch_size}) -> {args.out}")
+    how = EncryptionSpec.from_metadata(meta.encryption).describe() if meta.mode == "image" else "token mode"
+    print(f"encoded {meta.count} images ({'x'.join(map(str, images.geometry))} uint8) of {images.description} with "
+          f"{how} (patch {meta.patch_size}) -> {args.out}")
     print(f"  items {shape} {meta.dtype}, {os.path.getsize(args.out):,} bytes, sha256 {meta.checksum}, "
           f"key fingerprint {meta.key_fingerprint}, client '{meta.client}'; no labels written")
     return 0

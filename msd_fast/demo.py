@@ -32,6 +32,7 @@ from .downstream import (FedAvgSettings, LabelledSplit, Recipe, build_classifier
 from .downstream.communication import Communication, file_bytes
 from .downstream.metrics import classification_metrics
 from .downstream.probe import knn_probabilities
+from .encryption import CIPHER_DTYPES, SCHEMES, EncryptionSpec
 from .flags import flag
 from .keys import Key
 from .pretrain import PretrainConfig, export_backbone, pretrain
@@ -75,7 +76,12 @@ class DemoConfig:
     refit_head: bool = flag(True, "after selecting the step, refit the linear head on all of a client's labels")
     fedavg_rounds: int = flag(15, "FedAvg rounds (local steps = fine-tuning steps / rounds)")
     upper_bound_steps: int = flag(1500, "steps of the all-labels supervised upper bound")
-    negpos: bool = flag(True, "negative-positive transform in the encryption")
+    scheme: str = flag("dense", "encryption: dense (the key's orthogonal block transform) or permute (block + "
+                                "pixel shuffling + negative-positive, broken by the audit; for comparison)",
+                       choices=SCHEMES)
+    per_sample: bool = flag(False, "a different block order for every image")
+    cipher_dtype: str = flag("float16", "dense ciphertext storage type", choices=sorted(CIPHER_DTYPES))
+    audit: bool = flag(True, "run the quick privacy audit on the configuration used (about a minute)")
     device: str = flag("auto", "auto (GPU when available), cpu or cuda")
     workers: int = flag(0, "seeds run in parallel processes (0: auto = every seed at once, up to twice the CPU "
                            "cores, on a CPU; 1 on a GPU)")
@@ -83,6 +89,7 @@ class DemoConfig:
 
     def __post_init__(self):
         self.fractions()  # validates
+        self.encryption()
         for name in ("clients", "seeds", "epochs", "finetune_steps", "fedavg_rounds", "upper_bound_steps",
                      "patch_size", "depth", "embed_dim", "num_heads", "out_dim", "pretrain_batch_size"):
             value = getattr(self, name)
@@ -104,6 +111,13 @@ class DemoConfig:
             raise ValueError(f"--alpha must be > 0, got {self.alpha}")
         if self.image_size is not None:
             check_image_size(self.image_size, "--image-size")
+
+    def encryption(self) -> EncryptionSpec:
+        """The clients' :class:`~msd_fast.encryption.EncryptionSpec` (the permute scheme with pixel shuffling and
+        negative-positive)."""
+        permute = self.scheme == "permute"
+        return EncryptionSpec(scheme=self.scheme, per_sample=self.per_sample, pixel_shuffle=permute, negpos=permute,
+                              cipher_dtype=self.cipher_dtype)
 
     def fractions(self) -> list[float]:
         """The label fractions, in the order given."""
@@ -272,8 +286,8 @@ class Demo:
         for c, rows in enumerate(data.clients):
             path = os.path.join(folder, "shards", f"client{c}.shard")
             encode_dataset(ImageSet(data.images[rows], data.labels[rows]), key, path,
-                           patch_size=self.config.patch_size, negpos=self.config.negpos, client=f"client{c}",
-                           overwrite=True, progress=False)
+                           patch_size=self.config.patch_size, encryption=self.config.encryption(),
+                           client=f"client{c}", overwrite=True, progress=False)
             paths.append(path)
         return paths
 

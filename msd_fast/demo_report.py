@@ -201,20 +201,21 @@ def plot_accuracy_vs_communication(rows: list[dict], path: str) -> None:
 def plot_samples(dataset, key, config, path: str) -> None:
     """Four images per class (the data the demo uses), and one per class as the server receives it (encrypted)
     and as the client gets it back (decrypted)."""
-    from .ops.patch_encryption import decrypt_patches, encrypt_patches
-
     plt = _pyplot()
     images, labels = dataset.to_tensor(), torch.as_tensor(dataset.labels)
     classes = sorted(set(labels.tolist()))[:10]
     names = list(dataset.class_names or [str(c) for c in classes])
-    options = dict(negpos=config.negpos, max_value=255.0)
+    spec = config.encryption()
     columns = 6
     figure, axes = plt.subplots(len(classes), columns, figsize=(1.5 * columns, 1.55 * len(classes)), dpi=110)
     axes = np.atleast_2d(axes)
     for row, label in enumerate(classes):
         picks = images[torch.nonzero(labels == label).view(-1)[:4]]
-        encrypted = encrypt_patches(picks[:1], key, config.patch_size, **options)
-        decrypted = decrypt_patches(encrypted, key, config.patch_size, **options)
+        ids = torch.tensor([label])
+        encrypted = spec.encrypt(picks[:1], key, config.patch_size, sample_ids=ids)
+        decrypted = spec.decrypt(encrypted, key, config.patch_size, sample_ids=ids)
+        low, high = encrypted.float().min(), encrypted.float().max()  # a float ciphertext, shown over its range
+        encrypted = ((encrypted.float() - low) / (high - low).clamp_min(1e-6) * 255).round().to(torch.uint8)
         shown = list(picks) + [encrypted[0], decrypted[0]]
         for col in range(columns):
             axis = axes[row, col]

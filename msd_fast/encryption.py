@@ -120,6 +120,11 @@ class EncryptionSpec:
         return dict(block_scramble=self.block_scramble, pixel_shuffle=self.pixel_shuffle, negpos=self.negpos,
                     mixing=self.scheme == "dense", max_value=MAX_VALUE, per_sample=self.per_sample)
 
+    def ciphertext_units(self) -> tuple[float, float]:
+        """``(mid-grey, pixel range)`` in ciphertext units, for the server's commuting augmentations: ``(M/2, M)``
+        for the permutation scheme, ``(0, 1)`` for the dense one (``y = A (x/M - 1/2)``)."""
+        return (0.0, 1.0) if self.scheme == "dense" else (MAX_VALUE / 2, MAX_VALUE)
+
     # ---- what it protects -------------------------------------------------------------------------------------------
     def describe(self) -> str:
         """A short human name, e.g. ``"dense transform + per-sample block order (float16)"``."""

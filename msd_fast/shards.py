@@ -40,8 +40,8 @@ class ShardError(ValueError):
 class ShardMetadata:
     """What a shard holds. ``item_shape`` is ``[C, H, W]`` (image mode) or ``[N, D]`` (token mode).
 
-    ``encryption`` records the public options (block_scramble, pixel_shuffle, negpos, max_value, per_sample,
-    sample_id_start, and in token mode the embedder geometry) -- everything needed to use the key later, nothing
+    ``encryption`` records the public options (image mode: :meth:`EncryptionSpec.to_metadata
+    <msd_fast.encryption.EncryptionSpec.to_metadata>` and ``sample_id_start``; token mode: the embedder geometry) -- everything needed to use the key later, nothing
     secret. ``key_fingerprint`` is the key's public one-way digest.
     """
 

@@ -9,22 +9,22 @@ export) from a timm name and keyword arguments, and turns timm's refusals into o
 
 :func:`encrypt_vit` / :func:`decrypt_vit`: a ViT's patch embedding is linear in the block's ``L = C*p*p`` values
 (value index ``e = c*p*p + u*p + v``, the layout of the Conv2d weight) and its transformer is equivariant to
-permutations of the patch tokens once the position embedding moves with them. So for the encryption ``y[n, e] = f_e(x[bperm[n], pperm[e]])`` with
-``f_e(v) = M - v`` on negative-positive positions, the model ``m'`` with::
+permutations of the patch tokens once the position embedding moves with them. Every encryption maps a block
+affinely, ``y_n = G x_{bperm[n]} + h`` (:func:`block_affine`: a signed permutation for pixel shuffling and
+negative-positive, ``A / M`` with ``A`` orthogonal for the dense transform), so the model ``m'`` with::
 
-    W'[:, e] = s_e * Wn[:, pperm[e]]      s_e = -1 where flipped, else +1
-    b'       = bn + M * sum_{e flipped} Wn[:, pperm[e]]
-    pos'[n]  = pos[bperm[n]]              (patch rows; class/register rows unchanged)
+    W' = Wn G^-1      b' = bn - W' h      pos'[n] = pos[bperm[n]]   (patch rows; class/register rows unchanged)
 
 satisfies ``m'(y) == m(normalize(x))`` up to float rounding, where ``Wn = W / std_c`` and ``bn = b - Wn @ mean_c``
-fold the input normalisation into the embedding (pixel shuffling mixes channels, so normalising *after*
+fold the input normalisation into the embedding (the transforms mix values and channels, so normalising *after*
 encryption would not be exact). :func:`decrypt_vit` applies the inverse map. The arithmetic is done in float64.
 
 Supported: timm ``VisionTransformer`` with its ``PatchEmbed`` (Conv2d, kernel = stride = patch size), class token
 or not, register tokens, ``no_embed_class`` either way, learned or no position embedding, any in_chans, square or
 not, every global pool (token, avg, max, avgmax, map). Refused (ValueError): ``dynamic_img_size`` /
 ``dynamic_img_pad`` (the position-embedding resampling does not commute with block scrambling), other patch
-embeddings (hybrid CNN stems mix neighbouring blocks), and ``per_sample`` block scrambling (no single model exists).
+embeddings (hybrid CNN stems mix neighbouring blocks), and ``per_sample`` block scrambling in :func:`encrypt_vit`
+(no single model exists; :func:`decrypt_vit` folds the values and keeps the position embedding).
 """
 from __future__ import annotations
 
@@ -105,55 +105,67 @@ def _per_value(stat: Stats, channels: int, patch_size: int, name: str, default: 
     return values.repeat_interleave(patch_size * patch_size)
 
 
-def _key_tables(key: Key, n_blocks: int, n_values: int, block_scramble: bool, pixel_shuffle: bool, negpos: bool):
-    block_perm = key.block_permutation(n_blocks) if block_scramble else torch.arange(n_blocks)
+def block_affine(key: Key, n_values: int, *, pixel_shuffle: bool, negpos: bool, mixing: bool,
+                 max_value: Optional[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-block map of an encryption, ``y = G x + h`` on the ``L`` values of a block (raw units), as float64
+    ``(G [L, L], G^-1 [L, L], h [L])``: for the permutation scheme ``G = S P`` (pixel shuffle ``P``, signs ``S``)
+    and ``h = M`` on flipped values; for the dense scheme ``G = A / M`` and ``h = -A 1 / 2`` (``A`` orthogonal, so
+    ``G^-1 = M A^T``). Both inverses are exact by construction, never a numerical inversion."""
+    if mixing:
+        matrix = key.block_matrix(n_values)
+        return matrix / max_value, matrix.t() * max_value, -0.5 * matrix.sum(dim=1)
     value_perm = key.pixel_permutation(n_values) if pixel_shuffle else torch.arange(n_values)
     flip = key.negpos_mask(n_values) if negpos else torch.zeros(n_values, dtype=torch.bool)
-    return block_perm, value_perm, flip
+    sign = 1.0 - 2.0 * flip.to(torch.float64)
+    gather = torch.zeros(n_values, n_values, dtype=torch.float64)
+    gather[torch.arange(n_values), value_perm] = 1.0
+    forward = sign[:, None] * gather
+    offset = flip.to(torch.float64) * (float(max_value) if negpos else 0.0)
+    return forward, forward.t().contiguous(), offset
 
 
 def _transform(model: nn.Module, key: Key, patch_size: Optional[int], block_scramble: bool, pixel_shuffle: bool,
-               negpos: bool, max_value: Optional[float], mean: Stats, std: Stats, per_sample: bool,
+               negpos: bool, mixing: bool, max_value: Optional[float], mean: Stats, std: Stats, per_sample: bool,
                decrypt: bool) -> nn.Module:
     require_key(key)
     p = _check_vit(model, patch_size)
-    if per_sample:
+    if per_sample and not decrypt:
         raise ValueError("per_sample block scrambling gives every image its own block order, so no single model "
                          "matches it; use block_scramble without per_sample, a model without position embedding, "
                          "or token mode (permute_tokens)")
-    if negpos and max_value is None:
-        raise ValueError("max_value is required with negpos: 255.0 for uint8-range inputs, 1.0 for [0, 1] floats")
-    if negpos:
+    if mixing and (pixel_shuffle or negpos):
+        raise ValueError("mixing=True (the dense transform) replaces pixel_shuffle and negpos; turn them off")
+    if (negpos or mixing) and max_value is None:
+        raise ValueError("max_value is required with negpos or mixing: 255.0 for uint8-range inputs, 1.0 for [0, 1] "
+                         "floats")
+    if negpos or mixing:
         check_max_value(max_value)
     conv = model.patch_embed.proj
     channels, n_blocks = conv.in_channels, model.patch_embed.num_patches
     n_values = channels * p * p
-    block_perm, value_perm, flip = _key_tables(key, n_blocks, n_values, block_scramble, pixel_shuffle, negpos)
+    forward, inverse, offset = block_affine(key, n_values, pixel_shuffle=pixel_shuffle, negpos=negpos, mixing=mixing,
+                                            max_value=max_value)
+    block_perm = key.block_permutation(n_blocks) if block_scramble else torch.arange(n_blocks)
     mean_e = _per_value(mean, channels, p, "mean", 0.0)
     std_e = _per_value(std, channels, p, "std", 1.0)
-    offset = flip.to(torch.float64) * (float(max_value) if negpos else 0.0)   # M where flipped
-    sign = 1.0 - 2.0 * flip.to(torch.float64)
 
     out = copy.deepcopy(model)
     weight = conv.weight.detach().to(torch.float64).reshape(conv.out_channels, n_values)
     bias = (conv.bias.detach().to(torch.float64) if conv.bias is not None
             else torch.zeros(conv.out_channels, dtype=torch.float64))
-    if not decrypt:
+    if not decrypt:  # W' = Wn G^-1, b' = bn - W' h
         folded_w = weight / std_e
         folded_b = bias - folded_w @ mean_e
-        gathered = folded_w[:, value_perm]
-        new_w = gathered * sign
-        new_b = folded_b + gathered @ offset
-    else:
-        gathered = weight * sign                                  # = Wn[:, pperm]
-        folded_b = bias - gathered @ offset
-        folded_w = torch.empty_like(gathered)
-        folded_w[:, value_perm] = gathered
+        new_w = folded_w @ inverse
+        new_b = folded_b - new_w @ offset
+    else:            # Wn = W' G, bn = b' + W' h, then undo the normalisation fold
+        folded_w = weight @ forward
+        folded_b = bias + weight @ offset
         new_w = folded_w * std_e
         new_b = folded_b + folded_w @ mean_e
     _set_projection(out, new_w.reshape_as(conv.weight), new_b)
 
-    if out.pos_embed is not None:
+    if out.pos_embed is not None and block_scramble and not per_sample:
         pos = out.pos_embed.detach()
         patch_rows = pos[:, pos.shape[1] - n_blocks:]
         if decrypt:
@@ -178,8 +190,9 @@ def _set_projection(model: nn.Module, weight: torch.Tensor, bias: torch.Tensor) 
 
 
 def encrypt_vit(model: nn.Module, key: Key, patch_size: Optional[int] = None, *, block_scramble: bool = True,
-                pixel_shuffle: bool = True, negpos: bool = False, max_value: Optional[float] = None,
-                mean: Stats = None, std: Stats = None, per_sample: bool = False) -> nn.Module:
+                pixel_shuffle: bool = True, negpos: bool = False, mixing: bool = False,
+                max_value: Optional[float] = None, mean: Stats = None, std: Stats = None,
+                per_sample: bool = False) -> nn.Module:
     """Return a transformed copy ``m'`` of a timm ViT ``model`` with ``m'(encrypt_patches(x, key, ...)) ==
     model(normalize(x))`` up to float rounding.
 
@@ -187,22 +200,29 @@ def encrypt_vit(model: nn.Module, key: Key, patch_size: Optional[int] = None, *,
         model: a timm ``VisionTransformer`` (not modified).
         key, patch_size, block_scramble, pixel_shuffle, negpos, per_sample: as for
             :func:`~msd_fast.encrypt_patches` (``patch_size`` defaults to the model's).
-        max_value: the negative-positive maximum, in the units of the raw input ``x`` (255.0 for uint8-range,
-            1.0 for [0, 1] floats); required with ``negpos``.
+        mixing: the dense scheme instead of pixel shuffling / negative-positive: ``m'`` takes
+            :func:`~msd_fast.ops.block_mixing.encrypt_blocks` ciphertext (same ``max_value``).
+        max_value: the negative-positive maximum / dense pixel range, in the units of the raw input ``x`` (255.0 for
+            uint8-range, 1.0 for [0, 1] floats); required with ``negpos`` or ``mixing``.
         mean, std: the input normalisation ``model`` expects (scalar or per channel, in the raw input's units);
             folded into the patch embedding so ``m'`` takes raw encrypted images. None means no normalisation.
     """
-    return _transform(model, key, patch_size, block_scramble, pixel_shuffle, negpos, max_value, mean, std,
+    return _transform(model, key, patch_size, block_scramble, pixel_shuffle, negpos, mixing, max_value, mean, std,
                       per_sample, decrypt=False)
 
 
 def decrypt_vit(model: nn.Module, key: Key, patch_size: Optional[int] = None, *, block_scramble: bool = True,
-                pixel_shuffle: bool = True, negpos: bool = False, max_value: Optional[float] = None,
-                mean: Stats = None, std: Stats = None, per_sample: bool = False) -> nn.Module:
+                pixel_shuffle: bool = True, negpos: bool = False, mixing: bool = False,
+                max_value: Optional[float] = None, mean: Stats = None, std: Stats = None,
+                per_sample: bool = False) -> nn.Module:
     """Inverse of :func:`encrypt_vit`: from ``m'`` (takes raw encrypted images) return ``m`` with
     ``m(normalize(x)) == m'(encrypt_patches(x, key, ...))``; e.g. turn a model pretrained on encrypted images into
-    one for plain (normalised with ``mean``/``std``, or raw when they are None) images."""
-    return _transform(model, key, patch_size, block_scramble, pixel_shuffle, negpos, max_value, mean, std,
+    one for plain (normalised with ``mean``/``std``, or raw when they are None) images.
+
+    With ``per_sample`` (every image had its own block order, so the server's position embedding was trained on
+    random orders and holds no positions) the values are folded exactly and the position embedding is kept as it
+    is: ``m(normalize(x)) == m'(y)`` for the ciphertext ``y`` of ``x`` in the identity block order."""
+    return _transform(model, key, patch_size, block_scramble, pixel_shuffle, negpos, mixing, max_value, mean, std,
                       per_sample, decrypt=True)
 
 

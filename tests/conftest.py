@@ -39,7 +39,7 @@ def exported_backbones(tmp_path_factory):
     paths = {"secret": DOWNSTREAM_SECRET}
     for mode in ("image", "token"):
         shard = str(folder / f"{mode}.shard")
-        encode_dataset(images, key, shard, patch_size=8, mode=mode, negpos=mode == "image", embed_dim=24,
+        encode_dataset(images, key, shard, patch_size=8, mode=mode, embed_dim=24,
                        sample_id_start=0, progress=False)
         pretrain(PretrainConfig(shards=[shard], out=str(folder / mode), depth=1, embed_dim=24, num_heads=2,
                                 drop_path=0.0, out_dim=32, head_hidden_dim=32, head_bottleneck_dim=16, local_views=1,

@@ -10,6 +10,7 @@ from msd_fast import Key
 from msd_fast.cli import main
 from msd_fast.client import client_subset, decrypt_shard, encode_dataset, make_key
 from msd_fast.data import DataError, ImageSet, from_arrays, synthetic_dataset
+from msd_fast.encryption import EncryptionSpec
 from msd_fast.shards import open_shard, open_shards
 from msd_fast.token_embedding import TokenEmbedder
 
@@ -58,7 +59,7 @@ def test_keygen_refuses_to_overwrite_and_rejects_empty_secrets(tmp_path, capsys)
 def test_cli_encode_round_trip_without_labels(tmp_path, key_file, capsys):
     shard_path = tmp_path / "site-a.shard"
     assert main(["encode", "--key", key_file, "--data", "synthetic:40", "--image-size", "32", "--patch-size", "8",
-                 "--negpos", "--batch-size", "16", "--out", str(shard_path)]) == 0
+                 "--scheme", "permute", "--negpos", "--batch-size", "16", "--out", str(shard_path)]) == 0
     out = capsys.readouterr().out
     assert "encoded 40 images" in out and KEY.fingerprint in out and KEY._secret.hex() not in out
     shard = open_shard(shard_path)
@@ -66,8 +67,8 @@ def test_cli_encode_round_trip_without_labels(tmp_path, key_file, capsys):
     assert (meta.mode, meta.count, meta.item_shape, meta.dtype, meta.patch_size) == ("image", 40, (1, 32, 32),
                                                                                       "uint8", 8)
     assert meta.client == "site-a" and meta.key_fingerprint == KEY.fingerprint
-    assert meta.encryption == {"block_scramble": True, "pixel_shuffle": True, "negpos": True, "max_value": 255.0,
-                               "per_sample": False}
+    assert meta.encryption == {"scheme": "permute", "block_scramble": True, "pixel_shuffle": True, "negpos": True,
+                               "max_value": 255.0, "per_sample": False}
     original = synthetic_dataset(40, size=32)
     assert not torch.equal(shard[0:40], original.to_tensor())
     assert torch.equal(decrypt_shard(shard, KEY), original.to_tensor())
@@ -77,10 +78,30 @@ def test_cli_encode_round_trip_without_labels(tmp_path, key_file, capsys):
     assert "label" not in meta.to_json().lower()
 
 
-def test_per_sample_and_token_modes_round_trip(tmp_path):
+def test_cli_encode_default_is_the_dense_transform(tmp_path, key_file, capsys):
+    shard_path = tmp_path / "dense.shard"
+    assert main(["encode", "--key", key_file, "--data", "synthetic:20", "--image-size", "32", "--patch-size", "8",
+                 "--out", str(shard_path)]) == 0
+    assert "dense transform + key-wide block order (float16)" in capsys.readouterr().out
+    shard = open_shard(shard_path)
+    assert shard.metadata.dtype == "float16" and shard.metadata.item_shape == (1, 32, 32)
+    assert shard.metadata.encryption == {"scheme": "dense", "block_scramble": True, "per_sample": False,
+                                         "max_value": 255.0, "cipher_dtype": "float16"}
+    original = synthetic_dataset(20, size=32).to_tensor()
+    assert torch.equal(decrypt_shard(shard, KEY), original)  # float16 rounding never reaches half a grey level
+    # the ciphertext is centred and mixed: no value is a pixel, and every block keeps its norm
+    blocks = shard[0:20].double().reshape(20, 4, 8, 4, 8).permute(0, 1, 3, 2, 4).reshape(20, 16, 64)
+    plain = (original.double() / 255 - 0.5).reshape(20, 4, 8, 4, 8).permute(0, 1, 3, 2, 4).reshape(20, 16, 64)
+    torch.testing.assert_close(blocks.norm(dim=2).sort(dim=1).values, plain.norm(dim=2).sort(dim=1).values,
+                               rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("scheme", ["dense", "permute"])
+def test_per_sample_and_token_modes_round_trip(tmp_path, scheme):
     images = synthetic_dataset(12, size=32, channels=3)
-    meta = encode_dataset(images, KEY, str(tmp_path / "ps.shard"), patch_size=8, per_sample=True, sample_id_start=5,
-                          batch_size=5)
+    spec = EncryptionSpec(scheme=scheme, per_sample=True, pixel_shuffle=scheme == "permute")
+    meta = encode_dataset(images, KEY, str(tmp_path / "ps.shard"), patch_size=8, encryption=spec,
+                          sample_id_start=5, batch_size=5)
     assert meta.encryption["per_sample"] and meta.encryption["sample_id_start"] == 5
     assert torch.equal(decrypt_shard(str(tmp_path / "ps.shard"), KEY), images.to_tensor())
 
@@ -162,9 +183,10 @@ def test_simulated_clients_make_compatible_shards(tmp_path, key_file, capsys):
     (["--patch-size", "12"], "patch size 12 does not divide the image size 32x32.*--image-size 36"),
     (["--clients", "3"], "--clients N and --client-index i go together"),
     (["--clients", "3", "--client-index", "3"], r"--client-index must be in \[0, 3\)"),
-    (["--no-block-scramble", "--no-pixel-shuffle"], "plain images"),
-    (["--no-block-scramble", "--per-sample"], "needs block_scramble"),
-    (["--mode", "token", "--negpos"], "negpos only apply to mode='image'"),
+    (["--scheme", "permute", "--no-block-scramble", "--no-pixel-shuffle"], "plain images"),
+    (["--no-block-scramble", "--per-sample"], "need block scrambling"),
+    (["--mode", "token", "--negpos"], "--negpos only apply to --mode image"),
+    (["--negpos"], "--negpos belongs to --scheme permute"),
     (["--data", "nowhere/at/all"], "no such file or folder"),
 ])
 def test_cli_encode_errors_are_one_clear_line(tmp_path, key_file, capsys, extra, message):
@@ -185,22 +207,28 @@ def test_encode_refuses_to_overwrite_and_unlabeled_alpha(tmp_path, key_file, cap
     before = (tmp_path / "x.shard").read_bytes()
     assert main(args) == 2 and "exists" in capsys.readouterr().err
     assert (tmp_path / "x.shard").read_bytes() == before
-    assert main(args + ["--force", "--negpos"]) == 0 and (tmp_path / "x.shard").read_bytes() != before
+    assert main(args + ["--force", "--per-sample"]) == 0 and (tmp_path / "x.shard").read_bytes() != before
     unlabeled = from_arrays(np.zeros((6, 8, 8), np.uint8))
     with pytest.raises(DataError, match="needs labels"):
         client_subset(unlabeled, 2, 0, alpha=1.0)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode, options", [("image", {}), ("image", {"per_sample": True, "negpos": True}),
-                                           ("token", {"token_dtype": "float32", "embed_dim": 32})])
+@pytest.mark.parametrize("mode, options", [
+    ("image", {}), ("image", {"encryption": EncryptionSpec(per_sample=True, cipher_dtype="float32")}),
+    ("image", {"encryption": EncryptionSpec("permute", per_sample=True, pixel_shuffle=True, negpos=True)}),
+    ("token", {"token_dtype": "float32", "embed_dim": 32})])
 def test_encode_on_cuda_matches_cpu(tmp_path, mode, options):
     data = synthetic_dataset(70, size=32, channels=3)
     common = dict(patch_size=8, mode=mode, sample_id_start=3, batch_size=32, **options)
     cpu = encode_dataset(data, KEY, str(tmp_path / "cpu.shard"), **common)
     gpu = encode_dataset(data, KEY, str(tmp_path / "gpu.shard"), device="cuda", **common)
     if mode == "image":
-        assert gpu.checksum == cpu.checksum
+        if gpu.dtype == "uint8":  # permutations are bit-exact on every backend
+            assert gpu.checksum == cpu.checksum
+        else:  # the dense transform is a float sum: equal to rounding
+            torch.testing.assert_close(open_shard(str(tmp_path / "gpu.shard"))[:].float(),
+                                       open_shard(str(tmp_path / "cpu.shard"))[:].float(), rtol=2e-3, atol=2e-3)
         assert torch.equal(decrypt_shard(str(tmp_path / "gpu.shard"), KEY), data.to_tensor())
     else:
         torch.testing.assert_close(open_shard(tmp_path / "gpu.shard")[0:70], open_shard(tmp_path / "cpu.shard")[0:70],

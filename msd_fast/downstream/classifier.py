@@ -16,8 +16,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ..encryption import EncryptionSpec
 from ..keys import Key
-from ..ops.patch_encryption import encrypt_patches
 from ..pretrain.export import load_exported
 from ..token_embedding import TokenEmbedder
 from ..vit import build_vit, decrypt_vit, forward_views
@@ -29,9 +29,11 @@ class ImageClassifier(nn.Module):
     """``logits = vit(standardise(prepare(x)))``; ``features(x)`` gives the pooled backbone features instead."""
 
     def __init__(self, vit: VisionTransformer, *, mean: float = 0.0, std: float = 1.0,
-                 encrypt: Optional[dict] = None, embedder: Optional[TokenEmbedder] = None, key: Optional[Key] = None):
+                 encryption: Optional[EncryptionSpec] = None, patch_size: Optional[int] = None,
+                 embedder: Optional[TokenEmbedder] = None, key: Optional[Key] = None):
         super().__init__()
-        self.vit, self.embedder, self._encrypt, self._key = vit, embedder, encrypt, key
+        self.vit, self.embedder, self._encryption, self._key = vit, embedder, encryption, key
+        self._patch_size = patch_size
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
 
@@ -46,8 +48,8 @@ class ImageClassifier(nn.Module):
             self.vit.head = saved
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        if self._encrypt is not None:
-            x = encrypt_patches(x, self._key, **self._encrypt)
+        if self._encryption is not None:
+            x = self._encryption.encrypt(x, self._key, self._patch_size)
         return (x.float() - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,14 +84,15 @@ def pretrained_classifier(path: str, key: Key, n_classes: int, *, mean: float, s
         torch.manual_seed(seed)
         vit.reset_classifier(n_classes)
         return ImageClassifier(vit, embedder=embedder)
-    options = {k: metadata["encryption"][k] for k in ("block_scramble", "pixel_shuffle", "negpos", "max_value")}
-    if metadata["encryption"].get("per_sample"):
-        raise ValueError(f"{path} was pretrained on per-sample scrambled images: no single plain-image model exists")
+    spec = EncryptionSpec.from_metadata(metadata["encryption"])
     if domain == "plain":
-        vit = decrypt_vit(vit, key, metadata["patch_size"], **options, mean=mean, std=std)
+        vit = decrypt_vit(vit, key, metadata["patch_size"], **spec.vit_options(), mean=mean, std=std)
         classifier = ImageClassifier(vit, mean=mean, std=std)
-    else:  # the exported model takes raw encrypted pixels
-        classifier = ImageClassifier(vit, encrypt=dict(patch_size=metadata["patch_size"], **options), key=key)
+    elif spec.per_sample:
+        raise ValueError(f"{path} was pretrained on per-sample block orders: its encrypted domain has no fixed "
+                         "order to encrypt new images with; use the plain domain")
+    else:  # the exported model takes raw ciphertext
+        classifier = ImageClassifier(vit, encryption=spec, patch_size=metadata["patch_size"], key=key)
     torch.manual_seed(seed)
     classifier.vit.reset_classifier(n_classes)
     return classifier

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..dino import DINOLoss
+from ..encryption import EncryptionSpec
 from ..ops.masked_gather import mark_index_range, sample_views
 from . import distributed
 from .augment import commuting_augmentation
@@ -213,9 +214,9 @@ class Pretraining:
         if self.data.metadata.mode == "token" or (config.contrast == 0 and config.noise == 0):
             return inputs
         generator = torch.Generator().manual_seed(derived_seed(config.seed, SEED_AUGMENT, step))
-        return commuting_augmentation(inputs, contrast=config.contrast, noise=config.noise,
-                                      max_value=float(self.data.metadata.encryption.get("max_value") or 255.0),
-                                      generator=generator, global_batch=config.batch_size,
+        midgrey, value_range = EncryptionSpec.from_metadata(self.data.metadata.encryption).ciphertext_units()
+        return commuting_augmentation(inputs, contrast=config.contrast, noise=config.noise, midgrey=midgrey,
+                                      value_range=value_range, generator=generator, global_batch=config.batch_size,
                                       first=self.info.rank * self.local_batch)
 
     @torch.no_grad()
