@@ -312,8 +312,10 @@ def test_cli_audit_quick_and_with_a_shard(tmp_path, capsys):
     assert key.fingerprint in out and key._secret.hex() not in out
     assert sorted(os.listdir(tmp_path / "a")) == ["audit.json", "audit.md", "audit.png"]
 
-    encode_dataset(load_dataset("synthetic:12"), key, str(tmp_path / "s.shard"), patch_size=8, negpos=True,
-                   per_sample=True, sample_id_start=77, progress=False)
+    from msd_fast.encryption import EncryptionSpec
+    encode_dataset(load_dataset("synthetic:12"), key, str(tmp_path / "s.shard"), patch_size=8,
+                   encryption=EncryptionSpec(scheme="permute", pixel_shuffle=True, negpos=True, per_sample=True),
+                   sample_id_start=77, progress=False)
     assert main(["audit", "--key", str(key_path), "--data", "synthetic:12", "--shard", str(tmp_path / "s.shard"),
                  "--quick", "--out", str(tmp_path / "b")]) == 0
     report = json.loads(open(tmp_path / "b" / "audit.json").read())

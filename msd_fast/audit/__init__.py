@@ -7,12 +7,22 @@
 * :mod:`~msd_fast.audit.known_plaintext` -- key-table recovery from plain/encrypted pairs
   (:func:`recover_key_tables`).
 * :mod:`~msd_fast.audit.token_attacks` -- token mode: position recovery and inversion.
+* :mod:`~msd_fast.audit.statistics_attack` -- dense scheme, ciphertext-only: covariance eigenvectors of the shard
+  aligned with those of public images (:func:`statistics_attack`).
+* :mod:`~msd_fast.audit.dense_known_plaintext` -- dense scheme: the key matrix from plain/cipher pairs
+  (:func:`recover_block_matrix`).
+* :func:`quick_audit` -- only the attacks that apply to one :class:`~msd_fast.encryption.EncryptionSpec`, one line
+  each (``msd-fast audit --scheme dense``).
 * :mod:`~msd_fast.audit.metrics` -- PSNR, SSIM, direct / neighbour accuracy, chance levels.
 """
 from .jigsaw import JigsawResult, jigsaw_attack
+from .dense_known_plaintext import RecoveredBlockMatrix, recover_block_matrix
 from .known_plaintext import RecoveredTables, recover_key_tables
 from .metrics import direct_accuracy, neighbour_accuracy, psnr, ssim
+from .quick import QuickAudit, quick_audit
 from .report import AuditReport, run_audit
+from .statistics_attack import StatisticsResult, statistics_attack
 
-__all__ = ["AuditReport", "JigsawResult", "RecoveredTables", "direct_accuracy", "jigsaw_attack",
-           "neighbour_accuracy", "psnr", "recover_key_tables", "run_audit", "ssim"]
+__all__ = ["AuditReport", "JigsawResult", "QuickAudit", "RecoveredBlockMatrix", "RecoveredTables", "StatisticsResult",
+           "direct_accuracy", "jigsaw_attack", "neighbour_accuracy", "psnr", "quick_audit", "recover_block_matrix",
+           "recover_key_tables", "run_audit", "ssim", "statistics_attack"]

@@ -366,6 +366,31 @@ def apply_tables(received: torch.Tensor, patch_size: int, src_block: torch.Tenso
     return permute_patches(received.contiguous(), tables, patch_size, max_value)
 
 
+def solve_block_order(blocks: torch.Tensor, rows: int, cols: int, *, per_sample: bool,
+                      method: str = "mgc") -> tuple[torch.Tensor, torch.Tensor]:
+    """Reassemble scrambled blocks whose contents are known (or estimated, e.g. decoded by another attack).
+
+    Args:
+        blocks: real ``[B, N, C, p, p]`` in received order, ``N = rows * cols``.
+        per_sample: each image has its own scramble (one puzzle per image); otherwise every image has the same one:
+            the raw dissimilarities are summed over images (evidence adds up; per-image normalisation would let flat
+            background blocks dominate) and one puzzle is solved for the whole set.
+        method: edge dissimilarity (:func:`edge_dissimilarity`).
+
+    Returns:
+        ``(placement, cost)`` as :func:`solve_placement`, int64 ``[B, N]`` and float64 ``[B]``.
+    """
+    B, N = blocks.shape[:2]
+    lr, tb = edge_dissimilarity(blocks, method)
+    if per_sample:
+        return solve_placement(lr, tb, rows, cols)
+    eye = torch.eye(N, dtype=torch.bool)
+    shared_lr = lr.masked_fill(eye, 0).sum(0, keepdim=True).masked_fill(eye, math.inf)
+    shared_tb = tb.masked_fill(eye, 0).sum(0, keepdim=True).masked_fill(eye, math.inf)
+    placement, cost = solve_placement(shared_lr, shared_tb, rows, cols)
+    return placement.expand(B, N).contiguous(), cost.expand(B).contiguous()
+
+
 def jigsaw_attack(received: torch.Tensor, patch_size: int, *, pixel_shuffle: bool, negpos: bool, per_sample: bool,
                   max_value: float = 255.0, method: str = "mgc") -> JigsawResult:
     """The ciphertext-only attack on images encrypted by :func:`~msd_fast.encrypt_patches` (block scrambling on).
@@ -399,17 +424,7 @@ def jigsaw_attack(received: torch.Tensor, patch_size: int, *, pixel_shuffle: boo
         value_order = estimate_value_order(image_to_blocks(unflipped, p).reshape(B * N, L), C, p)
     unshuffled = apply_tables(received, p, identity_blocks, value_order, flip, max_value)
     blocks = image_to_blocks(unshuffled, p).reshape(B, N, C, p, p)
-    lr, tb = edge_dissimilarity(blocks, method)
-    if per_sample:
-        placement, cost = solve_placement(lr, tb, rows, cols)
-    else:
-        # One scramble for the whole shard: sum the raw dissimilarities over images (evidence adds up; per-image
-        # normalisation would let flat background blocks dominate), then solve one puzzle.
-        eye = torch.eye(N, dtype=torch.bool)
-        shared_lr = lr.masked_fill(eye, 0).sum(0, keepdim=True).masked_fill(eye, math.inf)
-        shared_tb = tb.masked_fill(eye, 0).sum(0, keepdim=True).masked_fill(eye, math.inf)
-        placement, cost = solve_placement(shared_lr, shared_tb, rows, cols)
-        placement, cost = placement.expand(B, N).contiguous(), cost.expand(B).contiguous()
+    placement, cost = solve_block_order(blocks, rows, cols, per_sample=per_sample, method=method)
     reconstruction = apply_tables(unshuffled, p, placement, torch.arange(L), None, max_value)
     return JigsawResult(placement=placement, value_order=value_order, flip=flip, reconstruction=reconstruction,
                         cost=cost)
