@@ -108,7 +108,9 @@ def quick_audit(images: torch.Tensor, key: Key, spec: EncryptionSpec, patch_size
                                 chance_psnr=rows[0]["chance_psnr"], chance_ssim=rows[0]["chance_ssim"],
                                 detail=f"key matrix {'recovered' if last['recovered'] else 'not recovered'} from "
                                        f"{last['independent_blocks']}/{last['block_values']} independent blocks "
-                                       f"(|A_hat - A|/|A| = {last['matrix_error']:.1e})", sweep=kpa))
+                                       f"(|A_hat - A|/|A| = {last['matrix_error']:.1e}); the known span holds "
+                                       f"{100 * last['coverage']:.1f} % of the held-out ciphertext's energy",
+                                sweep=kpa))
         else:
             N = (images.shape[2] // patch_size) * (images.shape[3] // patch_size)
             mean_image = images.double().mean(0).expand_as(images).contiguous()
