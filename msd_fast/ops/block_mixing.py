@@ -17,6 +17,7 @@ in ``opmath`` and matches the reference to float rounding.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -59,7 +60,7 @@ def _check_tables(x: torch.Tensor, matrix: torch.Tensor, src_block: torch.Tensor
         raise ValueError(f"matrix must be {opmath_dtype(x.dtype)} [{L}, {L}], got {matrix.dtype} {tuple(matrix.shape)}")
     if bias.shape != (L,) or bias.dtype != matrix.dtype:
         raise ValueError(f"bias must be {matrix.dtype} [{L}], got {bias.dtype} {tuple(bias.shape)}")
-    if src_block.dtype != torch.int64 or src_block.shape[-1] != N or src_block.dim() not in (1, 2) or \
+    if src_block.dtype != torch.int64 or src_block.dim() not in (1, 2) or src_block.shape[-1] != N or \
             (src_block.dim() == 2 and src_block.shape[0] != B):
         raise ValueError(f"src_block must be int64 [{N}] or [{B}, {N}], got {src_block.dtype} "
                          f"{tuple(src_block.shape)}")
@@ -84,6 +85,12 @@ def mix_blocks(x: torch.Tensor, matrix: torch.Tensor, src_block: torch.Tensor, b
     Returns:
         Contiguous ``[B, C, H, W]`` of ``out_dtype``; differentiable w.r.t. a float ``x``.
     """
+    patch_size = _check_images(x, patch_size, IMAGE_DTYPES)
+    _check_out_dtype(out_dtype)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    for name, tensor in (("matrix", matrix), ("src_block", src_block), ("bias", bias)):
+        check_tensor(tensor, name)
     _check_tables(x, matrix, src_block, bias, patch_size)
     return _block_mix(x, matrix.contiguous(), src_block.contiguous(), bias.contiguous(), float(scale), patch_size,
                       out_dtype, backend)
@@ -117,13 +124,24 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     # out = scale * A x[src] + bias, so d x[src] = scale * A^T d out: the same op with the transposed matrix, the
-    # inverse block order and no bias, written in x's dtype.
+    # inverse block order and no bias, written in x's dtype. That holds when src_block is a permutation (every key
+    # table is); a src_block that repeats blocks (mix_blocks allows any values in [0, N)) needs the gradients of
+    # the copies summed: the op in the output's block order, then a scatter-add into the source blocks.
     matrix, src_block = ctx.saved_tensors
     x_dtype, scale, patch_size, backend = ctx.arguments
+    grad = grad.to(matrix.dtype).contiguous()
+    transposed, no_bias = matrix.t().contiguous(), torch.zeros_like(matrix[0])
     inverse = torch.argsort(src_block, dim=-1)
-    grad_x = _block_mix(grad.to(matrix.dtype).contiguous(), matrix.t().contiguous(), inverse,
-                        torch.zeros_like(matrix[0]), scale, patch_size, x_dtype, backend)
-    return (grad_x,) + (None,) * 7
+    identity = torch.arange(src_block.shape[-1], device=src_block.device)
+    if torch.equal(torch.gather(src_block, -1, inverse), identity.expand_as(src_block)):
+        grad_x = _block_mix(grad, transposed, inverse, no_bias, scale, patch_size, x_dtype, backend)
+        return (grad_x,) + (None,) * 7
+    B, C, H, W = grad.shape
+    grad_out_order = image_to_blocks(_block_mix(grad, transposed, identity, no_bias, scale, patch_size,
+                                                matrix.dtype, backend), patch_size)
+    index = src_block.expand(B, -1)[:, :, None].expand_as(grad_out_order)
+    grad_blocks = torch.zeros_like(grad_out_order).scatter_add_(1, index, grad_out_order)
+    return (blocks_to_image(grad_blocks, C, H, W, patch_size).to(x_dtype),) + (None,) * 7
 
 
 _block_mix.register_autograd(_backward, setup_context=_setup_context)
@@ -159,6 +177,11 @@ def _check_images(x: torch.Tensor, patch_size: int, allowed: tuple) -> int:
     return patch_size
 
 
+def _check_out_dtype(out_dtype: object) -> None:
+    if out_dtype not in CIPHER_DTYPES:
+        raise TypeError(f"out_dtype must be one of float16, bfloat16, float32, float64, got {out_dtype}")
+
+
 def _key_matrix(key: Key, n_values: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return key.cached(("block-matrix", n_values, dtype, str(device)),
                       lambda: key.block_matrix(n_values).to(device=device, dtype=dtype).contiguous())
@@ -189,8 +212,7 @@ def encrypt_blocks(x: torch.Tensor, key: Key, patch_size: int = 16, *, block_scr
     """
     require_key(key)
     patch_size = _check_images(x, patch_size, IMAGE_DTYPES)
-    if out_dtype not in CIPHER_DTYPES:
-        raise TypeError(f"out_dtype must be one of float16, bfloat16, float32, float64, got {out_dtype}")
+    _check_out_dtype(out_dtype)
     max_value = resolve_max_value(max_value, x.dtype)
     B, C, H, W = x.shape
     n_blocks, n_values = (H // patch_size) * (W // patch_size), C * patch_size * patch_size
