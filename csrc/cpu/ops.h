@@ -10,6 +10,11 @@ namespace cpu {
 torch::Tensor patch_permute(const torch::Tensor& x, const torch::Tensor& src_block, const torch::Tensor& src_elem,
                             const c10::optional<torch::Tensor>& flip, int64_t patch_size, double max_value);
 
+// out[b, block n, value i] = scale * sum_j matrix[i, j] * x[b, block src_block[(b,) n], value j] + bias[i] in opmath,
+// rounded to out_dtype, written as a contiguous image; see block_mix.cpp.
+torch::Tensor block_mix(const torch::Tensor& x, const torch::Tensor& matrix, const torch::Tensor& src_block,
+                        const torch::Tensor& bias, double scale, int64_t patch_size, at::ScalarType out_dtype);
+
 // out[v * B + b] = [prefix; tokens[b, idx[v, b]] + pos[(b,) idx[v, b]]], see masked_gather.cpp.
 torch::Tensor masked_gather_forward(const torch::Tensor& tokens, const torch::Tensor& idx,
                                     const c10::optional<torch::Tensor>& pos,
