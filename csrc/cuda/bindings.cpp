@@ -8,6 +8,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("patch_permute", &msd_fast::cuda::patch_permute, "Fused key-based patch permutation / encryption",
         py::arg("x"), py::arg("src_block"), py::arg("src_elem"), py::arg("flip"), py::arg("patch_size"),
         py::arg("max_value"));
+  m.def("block_mix", &msd_fast::cuda::block_mix, "Dense key-derived block transform (block mixing)", py::arg("x"),
+        py::arg("matrix"), py::arg("src_block"), py::arg("bias"), py::arg("scale"), py::arg("patch_size"),
+        py::arg("out_dtype"));
   m.def("masked_gather_forward", &msd_fast::cuda::masked_gather_forward,
         "Fused masked token gathering: gather views, add position embedding, prepend prefix tokens",
         py::arg("tokens"), py::arg("idx"), py::arg("pos"), py::arg("prefix"));

@@ -10,6 +10,10 @@ namespace cuda {
 torch::Tensor patch_permute(const torch::Tensor& x, const torch::Tensor& src_block, const torch::Tensor& src_elem,
                             const c10::optional<torch::Tensor>& flip, int64_t patch_size, double max_value);
 
+// The src_block value range is checked here too (one reduction and one synchronisation per call).
+torch::Tensor block_mix(const torch::Tensor& x, const torch::Tensor& matrix, const torch::Tensor& src_block,
+                        const torch::Tensor& bias, double scale, int64_t patch_size, at::ScalarType out_dtype);
+
 torch::Tensor masked_gather_forward(const torch::Tensor& tokens, const torch::Tensor& idx,
                                     const c10::optional<torch::Tensor>& pos,
                                     const c10::optional<torch::Tensor>& prefix);
