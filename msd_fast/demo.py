@@ -68,6 +68,8 @@ class DemoConfig:
     global_keep: float = flag(0.6, "fraction of tokens each of the 2 global student views keeps")
     local_views: int = flag(4, "local student views")
     local_keep: float = flag(0.25, "fraction of tokens a local view keeps")
+    embed_optimizer: str = flag("rowwise", "pretraining: second moment of the patch-embedding weight, rowwise "
+                                           "(key-invariant) or adamw", choices=("rowwise", "adamw"))
     contrast: float = flag(0.0, "student inputs: random contrast about mid-grey, factor in [1-c, 1+c]")
     noise: float = flag(0.0, "student inputs: Gaussian noise std as a fraction of the value range")
     finetune_steps: int = flag(300, "fine-tuning steps (every method; FedAvg: rounds x local steps)")
@@ -298,7 +300,8 @@ class Demo:
             embed_dim=config.embed_dim, num_heads=config.num_heads, drop_path=0.0, out_dim=config.out_dim,
             head_hidden_dim=512, head_bottleneck_dim=128, global_keep=config.global_keep,
             local_views=config.local_views, local_keep=config.local_keep, teacher_views=config.teacher_views,
-            contrast=config.contrast, noise=config.noise, epochs=config.epochs, batch_size=config.pretrain_batch_size,
+            contrast=config.contrast, noise=config.noise, embed_optimizer=config.embed_optimizer,
+            epochs=config.epochs, batch_size=config.pretrain_batch_size,
             lr=config.pretrain_lr,
             warmup_epochs=max(1, config.epochs // 10), momentum_teacher=0.99, seed=seed,
             device=str(self.device) if self.device.type == "cpu" else "auto", progress=False)

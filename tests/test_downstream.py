@@ -251,8 +251,10 @@ def test_plain_domain_classifier_equals_the_encrypted_domain_one(exported_backbo
                                       domain="encrypted").eval()
     images = split.test_images
     with torch.no_grad():
-        torch.testing.assert_close(plain(images), encrypted(images))
-        torch.testing.assert_close(plain.features(images), encrypted.features(images))
+        # The encrypted domain sees what the server saw: the float16 ciphertext of the dense transform (11
+        # significant bits, relative rounding <= 2^-11 = 4.9e-4 per value); the plain domain skips that rounding.
+        torch.testing.assert_close(plain(images), encrypted(images), rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(plain.features(images), encrypted.features(images), rtol=1e-3, atol=1e-4)
         # ... and the key matters: the pretrained model on the plain images says something else.
         unencrypted = encrypted.vit(images.float())
         assert (unencrypted - encrypted(images)).abs().max() > 1e-2
@@ -282,7 +284,7 @@ def test_a_foreign_file_is_not_an_exported_backbone(tmp_path):
 
 
 def test_finetuning_is_reproducible_and_returns_every_metric(exported_backbones, key, split):
-    recipe = Recipe(steps=4, batch_size=16, seed=3)
+    recipe = Recipe(steps=4, batch_size=16, seed=3, probe_init=False)  # no step-0 candidate: the body must move
     runs = []
     for _ in range(2):
         classifier = build_classifier(split, model=exported_backbones["image"], key=key, seed=3)

@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
-from msd_fast import Key, decrypt_vit, encrypt_patches
+from msd_fast import EncryptionSpec, Key, decrypt_vit, encrypt_blocks, encrypt_patches
+from msd_fast.client import encode_dataset
+from msd_fast.data import ImageSet
 from msd_fast.pretrain import PretrainConfig, export_backbone, load_exported, pretrain
 from msd_fast.pretrain.checkpoint import load_checkpoint
 from msd_fast.pretrain.schedules import cosine_schedule
@@ -92,6 +94,26 @@ def test_pretrain_learns_exports_and_the_client_decrypts_exactly(shards, tmp_pat
         # The client's plain-image model is exact: m_plain(x) == m(encrypt(x)).
         plain_model = decrypt_vit(model, KEY, negpos=True, max_value=255.0)
         torch.testing.assert_close(plain_model(plain.double()), model(encrypted), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_dense_shards_pretrain_export_and_decrypt(tmp_path, per_sample):
+    spec = EncryptionSpec(per_sample=per_sample)
+    images = torch.cat([structured_images(24, seed=c) for c in range(2)])
+    path = str(tmp_path / "dense.shard")
+    encode_dataset(ImageSet(images), KEY, path, patch_size=4, encryption=spec, sample_id_start=0, progress=False)
+    pretrain(tiny_config([path], tmp_path / "run", epochs=1))
+    metadata = export_backbone(str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "model.safetensors"))
+    assert EncryptionSpec.from_metadata(metadata["encryption"]) == spec
+    model, _ = load_exported(str(tmp_path / "model.safetensors"))
+    model.eval().double()
+    plain_model = decrypt_vit(model, KEY, **spec.vit_options())
+    plain = structured_images(3, seed=9)
+    # the client's plain-image model equals the exported model on the float64 ciphertext (identity block order
+    # for per-sample: the server's position embedding was trained on random orders)
+    cipher = encrypt_blocks(plain, KEY, 4, block_scramble=not per_sample, out_dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(plain_model(plain.double()), model(cipher), rtol=1e-5, atol=1e-5)
 
 
 def test_resume_after_a_crash_gives_the_uninterrupted_weights(shards, tmp_path, monkeypatch):

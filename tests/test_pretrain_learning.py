@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from msd_fast import Key, encrypt_patches
+from msd_fast import EncryptionSpec, Key, decrypt_blocks, encrypt_blocks, encrypt_patches
 from msd_fast.pretrain import pretrain
 from msd_fast.pretrain.augment import commuting_augmentation, contrast_about_midgrey
 from msd_fast.pretrain.monitor import collapse_signals, effective_rank, entropy
@@ -21,9 +21,28 @@ def test_contrast_about_midgrey_commutes_with_the_encryption(negpos):
     images = torch.randint(0, 256, (5, 3, 12, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     scale = torch.tensor([0.6, 1.0, 1.37, 0.91, 1.2])
     options = dict(negpos=negpos, max_value=255.0)
-    on_server = contrast_about_midgrey(encrypt_patches(images, KEY, 4, **options), scale, 255.0)
-    at_client = encrypt_patches(contrast_about_midgrey(images, scale, 255.0).double(), KEY, 4, **options)
+    on_server = contrast_about_midgrey(encrypt_patches(images, KEY, 4, **options), scale, 127.5)
+    at_client = encrypt_patches(contrast_about_midgrey(images, scale, 127.5).double(), KEY, 4, **options)
     torch.testing.assert_close(on_server.double(), at_client, rtol=0, atol=1e-4)
+
+
+def test_dense_scheme_augmentations_commute_in_ciphertext_units():
+    """Mid-grey is the dense ciphertext's 0: contrast about it, then decrypting, is contrast about mid-grey."""
+    images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    spec = EncryptionSpec()
+    midgrey, value_range = spec.ciphertext_units()
+    scale = torch.tensor([0.7, 1.0, 1.25, 0.9])
+    cipher = encrypt_blocks(images, KEY, 4, out_dtype=torch.float64)
+    on_server = contrast_about_midgrey(cipher.double(), scale, midgrey).double()
+    at_client = encrypt_blocks(contrast_about_midgrey(images, scale, 127.5).double(), KEY, 4, max_value=255.0,
+                               out_dtype=torch.float64)
+    torch.testing.assert_close(on_server, at_client, rtol=0, atol=1e-5)
+    # noise of std `noise * value_range` in ciphertext units is noise of std `noise * 255` on the pixels
+    noise = commuting_augmentation(torch.zeros(2000, 1, 4, 4), contrast=0.0, noise=0.05, midgrey=midgrey,
+                                   value_range=value_range, generator=torch.Generator().manual_seed(5),
+                                   global_batch=2000, first=0)
+    pixels = decrypt_blocks(noise, KEY, 4, max_value=255.0, out_dtype=torch.float64) - 127.5
+    assert abs(float(pixels.std()) - 0.05 * 255) < 0.3
 
 
 def test_a_shift_of_brightness_would_not_commute():
@@ -37,12 +56,12 @@ def test_augmentation_is_drawn_for_the_global_batch_and_sliced():
     images = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
 
     def draw(rows, first):
-        return commuting_augmentation(images[rows], contrast=0.4, noise=0.05, max_value=255.0,
+        return commuting_augmentation(images[rows], contrast=0.4, noise=0.05, midgrey=127.5, value_range=255.0,
                                       generator=torch.Generator().manual_seed(7), global_batch=8, first=first)
     whole = draw(slice(0, 8), 0)
     torch.testing.assert_close(torch.cat([draw(slice(0, 4), 0), draw(slice(4, 8), 4)]), whole)
     assert not torch.equal(whole, images.float())
-    plain = commuting_augmentation(images, contrast=0.0, noise=0.0, max_value=255.0,
+    plain = commuting_augmentation(images, contrast=0.0, noise=0.0, midgrey=127.5, value_range=255.0,
                                    generator=torch.Generator().manual_seed(7), global_batch=8, first=0)
     torch.testing.assert_close(plain, images.float())
 

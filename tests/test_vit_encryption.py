@@ -2,7 +2,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from msd_fast import Key, encrypt_patches
+from msd_fast import Key, encrypt_blocks, encrypt_patches
 from msd_fast.vit import decrypt_vit, encrypt_vit
 
 KEY = Key.from_secret(b"vit transform key")
@@ -121,3 +121,52 @@ def test_unsupported_models_and_options_raise():
     hybrid.patch_embed.proj = torch.nn.Conv2d(3, 24, kernel_size=8, stride=4)
     with pytest.raises(ValueError, match="kernel = stride"):
         encrypt_vit(hybrid, KEY)
+
+
+# ---- the dense block transform (mixing=True) ------------------------------------------------------------------------
+DENSE = [dict(), dict(block_scramble=False)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0]}-p{v[1]}-c{v[2]}-{v[3]}")
+@pytest.mark.parametrize("options", DENSE, ids=str)
+def test_dense_encrypted_model_equals_model_on_plain(variant, options):
+    img_size, patch, in_chans, model_options = variant
+    model = _model(img_size, patch, in_chans, model_options)
+    x = torch.rand(3, in_chans, *img_size, dtype=torch.float64)
+    mean, std = 0.45, 0.27
+    encrypted_model = encrypt_vit(model, KEY, pixel_shuffle=False, mixing=True, max_value=1.0, mean=mean, std=std,
+                                  **options)
+    y = encrypt_blocks(x, KEY, patch, max_value=1.0, out_dtype=torch.float64, backend="reference", **options)
+    # float64 ciphertext: the fold is exact to float64 rounding of a sum over C*p*p values
+    torch.testing.assert_close(encrypted_model(y), model((x - mean) / std), rtol=1e-9, atol=1e-9)
+    plain_out = model(x)
+    assert (model(y) - plain_out).abs().max() > 1e-2 * plain_out.abs().max()  # the ciphertext is not the image
+    back = decrypt_vit(encrypted_model, KEY, pixel_shuffle=False, mixing=True, max_value=1.0, mean=mean, std=std,
+                       **options)
+    for (name, a), b in zip(model.state_dict().items(), back.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_dense_fold_takes_uint8_images_and_float16_ciphertext():
+    model = _model((16, 16), 8, 3, dict()).float()
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    encrypted_model = encrypt_vit(model, KEY, pixel_shuffle=False, mixing=True, max_value=255.0, mean=120.0, std=60.0)
+    expected = model((x.float() - 120.0) / 60.0)
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.float16, 2e-3)):  # float16: 11 significant bits
+        y = encrypt_blocks(x, KEY, 8, out_dtype=dtype)
+        torch.testing.assert_close(encrypted_model(y.float()), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_dense_per_sample_decrypt_folds_values_and_keeps_positions():
+    trained = _model((16, 24), 8, 1, dict())  # stands for a model pretrained on per-sample block orders
+    plain = decrypt_vit(trained, KEY, pixel_shuffle=False, mixing=True, max_value=1.0, per_sample=True)
+    torch.testing.assert_close(plain.pos_embed, trained.pos_embed, rtol=0, atol=0)
+    x = torch.rand(2, 1, 16, 24, dtype=torch.float64)
+    y = encrypt_blocks(x, KEY, 8, block_scramble=False, max_value=1.0, out_dtype=torch.float64, backend="reference")
+    torch.testing.assert_close(plain(x), trained(y), rtol=1e-9, atol=1e-9)  # the identity block order
+    with pytest.raises(ValueError, match="per_sample"):
+        encrypt_vit(trained, KEY, pixel_shuffle=False, mixing=True, max_value=1.0, per_sample=True)
+    with pytest.raises(ValueError, match="replaces pixel_shuffle"):
+        encrypt_vit(trained, KEY, mixing=True, max_value=1.0)
+    with pytest.raises(ValueError, match="max_value is required"):
+        encrypt_vit(trained, KEY, pixel_shuffle=False, mixing=True)

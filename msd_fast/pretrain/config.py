@@ -41,6 +41,9 @@ class PretrainConfig:
     contrast: float = flag(0.0, "student inputs: contrast scaled about mid-grey by a random factor in [1-c, 1+c] "
                                 "per image (commutes with the encryption)")
     noise: float = flag(0.0, "student inputs: i.i.d. Gaussian noise, std as a fraction of the value range")
+    embed_optimizer: str = flag("rowwise", "second moment of the patch-embedding weight: rowwise (shared per output "
+                                           "row: the update does not depend on the key's basis) or adamw",
+                                choices=("rowwise", "adamw"))
     epochs: int = flag(30, "training epochs")
     batch_size: int = flag(64, "global batch size (split evenly over processes)")
     lr: float = flag(5e-4, "peak learning rate at batch size 256, scaled linearly with the batch size (DINO)")

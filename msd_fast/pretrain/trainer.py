@@ -34,6 +34,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PretrainConfig
 from .data import ShardDataset, epoch_batches, steps_per_epoch
 from .model import DINOHead, MaskedSamplingNet, create_backbone
+from .optim import KeyInvariantAdamW
 from .logs import MetricsLog, plot_loss_curve
 from .monitor import collapse_signals
 from .schedules import cosine_schedule
@@ -78,13 +79,25 @@ def build_networks(config: PretrainConfig, data: ShardDataset, input_stats: tupl
     return student, teacher
 
 
-def parameter_groups(model: nn.Module) -> list[dict]:
-    """DINO's groups: biases and 1-D (norm) parameters without weight decay."""
-    regularized, plain = [], []
+EMBED_WEIGHT = "backbone.patch_embed.proj.weight"
+
+
+def parameter_groups(model: nn.Module, rowwise_embed: bool) -> list[dict]:
+    """DINO's groups: biases and 1-D (norm) parameters without weight decay (``decayed`` marks the others). With
+    ``rowwise_embed`` the patch-embedding weight gets its own group with a row-shared second moment
+    (:class:`~msd_fast.pretrain.optim.KeyInvariantAdamW`)."""
+    regularized, plain, embed = [], [], []
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            (plain if name.endswith(".bias") or param.dim() == 1 else regularized).append(param)
-    return [{"params": regularized}, {"params": plain, "weight_decay": 0.0}]
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or param.dim() == 1:
+            plain.append(param)
+        else:
+            (embed if rowwise_embed and name == EMBED_WEIGHT else regularized).append(param)
+    groups = [{"params": regularized, "decayed": True}, {"params": plain, "weight_decay": 0.0, "decayed": False}]
+    if embed:
+        groups.append({"params": embed, "decayed": True, "rowwise": True})
+    return groups
 
 
 def weight_digest(model: nn.Module) -> int:
@@ -129,7 +142,7 @@ class Pretraining:
                              warmup_teacher_temp=config.warmup_teacher_temp, teacher_temp=config.teacher_temp,
                              warmup_teacher_temp_epochs=config.warmup_teacher_temp_epochs, n_epochs=config.epochs,
                              center_momentum=config.center_momentum, centering=config.centering).to(self.info.device)
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.student))
+        self.optimizer = KeyInvariantAdamW(parameter_groups(self.student, config.embed_optimizer == "rowwise"))
         steps = (config.epochs, self.steps_per_epoch)
         self.lr = cosine_schedule(config.lr * config.batch_size / 256.0, config.min_lr, *steps,
                                   warmup_epochs=config.warmup_epochs)
@@ -178,9 +191,9 @@ class Pretraining:
 
     def train_step(self, inputs: torch.Tensor, epoch: int, step: int) -> float:
         config = self.config
-        for i, group in enumerate(self.optimizer.param_groups):
+        for group in self.optimizer.param_groups:
             group["lr"] = float(self.lr[step])
-            if i == 0:
+            if group["decayed"]:
                 group["weight_decay"] = float(self.wd[step])
         torch.manual_seed(derived_seed(config.seed, 0xD50, step, self.info.rank))  # stochastic depth
         views = self.views(step)
