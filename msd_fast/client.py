@@ -255,9 +255,11 @@ def add_encryption_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheme", choices=SCHEMES, default="dense",
                         help="dense: the key's orthogonal transform of every block (default); permute: block "
                              "scrambling + pixel shuffling (+ negative-positive), broken by the audit, for comparison")
-    parser.add_argument("--per-sample", action="store_true", help="a different block order for every image")
+    parser.add_argument("--per-sample", action=argparse.BooleanOptionalAction, default=True,
+                        help="a different block order for every image (default; --no-per-sample: one key-wide "
+                             "order, weaker: see SECURITY.md)")
     parser.add_argument("--no-block-scramble", dest="block_scramble", action="store_false",
-                        help="keep every block in place (weak: see SECURITY.md)")
+                        help="keep every block in place (needs --no-per-sample; weak: see SECURITY.md)")
     parser.add_argument("--no-pixel-shuffle", dest="pixel_shuffle", action="store_false",
                         help="--scheme permute without pixel shuffling")
     parser.add_argument("--negpos", action="store_true", help="--scheme permute: add negative-positive")
@@ -268,7 +270,7 @@ def add_encryption_arguments(parser: argparse.ArgumentParser) -> None:
 def encryption_from_arguments(args: argparse.Namespace) -> Optional[EncryptionSpec]:
     """The spec the encryption flags describe (None in token mode); warns when the audit breaks it."""
     if getattr(args, "mode", "image") != "image":
-        changed = [flag for flag, on in (("--scheme permute", args.scheme != "dense"), ("--per-sample", args.per_sample),
+        changed = [flag for flag, on in (("--scheme permute", args.scheme != "dense"),
                                          ("--no-block-scramble", not args.block_scramble), ("--negpos", args.negpos))
                    if on]
         if changed:

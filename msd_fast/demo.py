@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .checks import resolve_device
-from .client import encode_dataset
+from .client import encode_dataset, warn_if_weak
 from .data import ImageSet, label_fraction_subset, load_dataset, split_clients, train_test_split
 from .data.convert import check_image_size
 from .downstream import (FedAvgSettings, LabelledSplit, Recipe, build_classifier, fedavg_baseline,
@@ -81,7 +81,7 @@ class DemoConfig:
     scheme: str = flag("dense", "encryption: dense (the key's orthogonal block transform) or permute (block + "
                                 "pixel shuffling + negative-positive, broken by the audit; for comparison)",
                        choices=SCHEMES)
-    per_sample: bool = flag(False, "a different block order for every image")
+    per_sample: bool = flag(True, "a different block order for every image (--no-per-sample: one key-wide order)")
     cipher_dtype: str = flag("float16", "dense ciphertext storage type", choices=sorted(CIPHER_DTYPES))
     audit: bool = flag(True, "run the quick privacy audit on the configuration used (about a minute)")
     device: str = flag("auto", "auto (GPU when available), cpu or cuda")
@@ -165,6 +165,7 @@ class Demo:
         config = self.config
         started = time.perf_counter()
         self.check_settings()  # every composed setting, before anything is read or written
+        warn_if_weak(config.encryption())
         dataset = self.load_data()  # bad --data fails here, before anything is written
         self.check_sizes(dataset)
         os.makedirs(config.out, exist_ok=True)
@@ -178,9 +179,13 @@ class Demo:
             per_seed = [self.run_seed(dataset, key, seed) for seed in seeds]
             if self.bar is not None:
                 self.bar.close()
+                self.bar = None
         results = {"config": dataclasses.asdict(config), "seeds": seeds, "per_seed": per_seed,
-                   "device": str(self.device), "class_names": list(dataset.class_names or []),
-                   "seconds": time.perf_counter() - started}
+                   "device": str(self.device), "class_names": list(dataset.class_names or [])}
+        if config.audit:
+            self.stage("quick privacy audit")
+            results["audit"] = self.quick_audit(self.split(dataset, seeds[0]), key)
+        results["seconds"] = time.perf_counter() - started
         write_report(results, dataset, key, config)
         return results
 
@@ -223,6 +228,18 @@ class Demo:
             self.stage(f"seed {seed}: label fraction {fraction:g}")
             fractions[str(fraction)] = self.evaluate_fraction(data, model_path, key, seed, fraction, ours)
         return {"seed": seed, "pretrain_history": summary["history"], "upper_bound": upper, "fractions": fractions}
+
+    def quick_audit(self, data: SeedData, key: Key) -> dict:
+        """The quick privacy audit (:func:`~msd_fast.audit.quick.quick_audit`) of the encryption this run used: the
+        server's view of client 0's images (up to 512) is attacked; the other clients' images (up to 256) stand for
+        the same-domain public images an attacker may hold."""
+        from .audit.quick import quick_audit
+
+        attacked = data.images[data.clients[0][:512]]
+        public = data.images[torch.cat(data.clients[1:])[:256]] if len(data.clients) > 1 else None
+        spec = self.config.encryption()
+        report = quick_audit(attacked, key, spec, self.config.patch_size, public=public, backend="auto")
+        return dict(report.to_dict(), encryption=spec.describe(), images=len(attacked))
 
     # ---- checks (before any work) ----------------------------------------------------------------------------------
     def check_settings(self) -> None:

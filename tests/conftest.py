@@ -30,6 +30,7 @@ def exported_backbones(tmp_path_factory):
     "token": path, "secret": bytes}`` (the key is ``Key.from_secret(secret)``)."""
     from msd_fast import Key
     from msd_fast.client import encode_dataset
+    from msd_fast.encryption import EncryptionSpec
     from msd_fast.data import synthetic_dataset
     from msd_fast.pretrain import PretrainConfig, export_backbone, pretrain
 
@@ -39,7 +40,9 @@ def exported_backbones(tmp_path_factory):
     paths = {"secret": DOWNSTREAM_SECRET}
     for mode in ("image", "token"):
         shard = str(folder / f"{mode}.shard")
-        encode_dataset(images, key, shard, patch_size=8, mode=mode, embed_dim=24,
+        # key-wide block order: the encrypted-domain classifier needs one fixed order to encrypt new images with
+        encryption = EncryptionSpec(per_sample=False) if mode == "image" else None
+        encode_dataset(images, key, shard, patch_size=8, mode=mode, encryption=encryption, embed_dim=24,
                        sample_id_start=0, progress=False)
         pretrain(PretrainConfig(shards=[shard], out=str(folder / mode), depth=1, embed_dim=24, num_heads=2,
                                 drop_path=0.0, out_dim=32, head_hidden_dim=32, head_bottleneck_dim=16, local_views=1,

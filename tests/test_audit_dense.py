@@ -27,7 +27,7 @@ def _encrypt(x, spec, p=8):
 
 def test_statistics_attack_beats_chance_on_structured_images():
     x, public = smooth_images(96, size=32, seed=1), smooth_images(96, size=32, seed=2)
-    spec = EncryptionSpec(block_scramble=False, cipher_dtype="float32")
+    spec = EncryptionSpec(block_scramble=False, per_sample=False, cipher_dtype="float32")
     y = _encrypt(x, spec)
     result = statistics_attack(y, 8, public_blocks_from_images(public, 8))
     decoded = blocks_to_image(to_pixels(result.decode(cipher_blocks(y, 8))), 1, 32, 32, 8)
@@ -79,8 +79,8 @@ def test_flat_and_repeated_blocks_do_not_count():
     assert found.rank == 7 and not found.recovered                                # 6 random blocks + one flat
 
 
-@pytest.mark.parametrize("spec", [EncryptionSpec(), EncryptionSpec(per_sample=True),
-                                  EncryptionSpec(scheme="permute", pixel_shuffle=True, negpos=True)],
+@pytest.mark.parametrize("spec", [EncryptionSpec(per_sample=False), EncryptionSpec(per_sample=True),
+                                  EncryptionSpec(scheme="permute", per_sample=False, pixel_shuffle=True, negpos=True)],
                          ids=["dense", "dense-per-sample", "permute"])
 def test_quick_audit_one_line_per_attack(spec):
     x = smooth_images(24, size=32, seed=7)

@@ -59,7 +59,7 @@ def test_keygen_refuses_to_overwrite_and_rejects_empty_secrets(tmp_path, capsys)
 def test_cli_encode_round_trip_without_labels(tmp_path, key_file, capsys):
     shard_path = tmp_path / "site-a.shard"
     assert main(["encode", "--key", key_file, "--data", "synthetic:40", "--image-size", "32", "--patch-size", "8",
-                 "--scheme", "permute", "--negpos", "--batch-size", "16", "--out", str(shard_path)]) == 0
+                 "--scheme", "permute", "--no-per-sample", "--negpos", "--batch-size", "16", "--out", str(shard_path)]) == 0
     out = capsys.readouterr().out
     assert "encoded 40 images" in out and KEY.fingerprint in out and KEY._secret.hex() not in out
     shard = open_shard(shard_path)
@@ -82,11 +82,13 @@ def test_cli_encode_default_is_the_dense_transform(tmp_path, key_file, capsys):
     shard_path = tmp_path / "dense.shard"
     assert main(["encode", "--key", key_file, "--data", "synthetic:20", "--image-size", "32", "--patch-size", "8",
                  "--out", str(shard_path)]) == 0
-    assert "dense transform + key-wide block order (float16)" in capsys.readouterr().out
+    assert "dense transform + per-sample block order (float16)" in capsys.readouterr().out
     shard = open_shard(shard_path)
     assert shard.metadata.dtype == "float16" and shard.metadata.item_shape == (1, 32, 32)
-    assert shard.metadata.encryption == {"scheme": "dense", "block_scramble": True, "per_sample": False,
-                                         "max_value": 255.0, "cipher_dtype": "float16"}
+    record = dict(shard.metadata.encryption)
+    assert 0 <= record.pop("sample_id_start") < 2**62
+    assert record == {"scheme": "dense", "block_scramble": True, "per_sample": True, "max_value": 255.0,
+                      "cipher_dtype": "float16"}
     original = synthetic_dataset(20, size=32).to_tensor()
     assert torch.equal(decrypt_shard(shard, KEY), original)  # float16 rounding never reaches half a grey level
     # the ciphertext is centred and mixed: no value is a pixel, and every block keeps its norm
@@ -183,8 +185,8 @@ def test_simulated_clients_make_compatible_shards(tmp_path, key_file, capsys):
     (["--patch-size", "12"], "patch size 12 does not divide the image size 32x32.*--image-size 36"),
     (["--clients", "3"], "--clients N and --client-index i go together"),
     (["--clients", "3", "--client-index", "3"], r"--client-index must be in \[0, 3\)"),
-    (["--scheme", "permute", "--no-block-scramble", "--no-pixel-shuffle"], "plain images"),
-    (["--no-block-scramble", "--per-sample"], "need block scrambling"),
+    (["--scheme", "permute", "--no-per-sample", "--no-block-scramble", "--no-pixel-shuffle"], "plain images"),
+    (["--no-block-scramble"], "need block scrambling"),
     (["--mode", "token", "--negpos"], "--negpos only apply to --mode image"),
     (["--negpos"], "--negpos belongs to --scheme permute"),
     (["--data", "nowhere/at/all"], "no such file or folder"),
@@ -207,7 +209,7 @@ def test_encode_refuses_to_overwrite_and_unlabeled_alpha(tmp_path, key_file, cap
     before = (tmp_path / "x.shard").read_bytes()
     assert main(args) == 2 and "exists" in capsys.readouterr().err
     assert (tmp_path / "x.shard").read_bytes() == before
-    assert main(args + ["--force", "--per-sample"]) == 0 and (tmp_path / "x.shard").read_bytes() != before
+    assert main(args + ["--force", "--no-per-sample"]) == 0 and (tmp_path / "x.shard").read_bytes() != before
     unlabeled = from_arrays(np.zeros((6, 8, 8), np.uint8))
     with pytest.raises(DataError, match="needs labels"):
         client_subset(unlabeled, 2, 0, alpha=1.0)

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # A distribution whose import name is not its (normalised) project name.
-IMPORT_NAMES = {"pillow": "PIL"}
+IMPORT_NAMES = {"pillow": "PIL", "scikit_learn": "sklearn"}
 
 
 def _pyproject() -> dict:

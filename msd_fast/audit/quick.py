@@ -53,7 +53,7 @@ def _db(value: float) -> str:
 def quick_audit(images: torch.Tensor, key: Key, spec: EncryptionSpec, patch_size: int, *,
                 public: Optional[torch.Tensor] = None, cipher: Optional[torch.Tensor] = None,
                 sample_ids: Optional[torch.Tensor] = None, natural: bool = True, max_known: int = 32,
-                backend: str = "reference", method: str = "ssd",
+                backend: str = "auto", method: str = "ssd",
                 log: Optional[Callable[[str], None]] = None) -> QuickAudit:
     """Audit one configuration.
 
@@ -69,7 +69,7 @@ def quick_audit(images: torch.Tensor, key: Key, spec: EncryptionSpec, patch_size
         sample_ids: int64 ``[B]`` per-sample ids (default ``0..B-1``).
         natural: also run the statistics attack with the natural-photo prior.
         max_known: the largest ``k`` of the known-plaintext sweep (stops at the first ``k`` that recovers the key).
-        backend: the encryption backend (``"reference"`` until the CPU block-mixing kernel is built).
+        backend: the encryption backend.
 
     Returns:
         :class:`QuickAudit`.

@@ -425,7 +425,7 @@ def _token_rows(victims: torch.Tensor, known: torch.Tensor, key: Key, *, embed_d
 def run_audit(images: torch.Tensor, key: Key, *, patch_size: int = 16, known_pairs: Sequence[int] = (1, 10, 100),
               token_dims: Sequence[int] = (192, 384), method: str = "ssd", max_heldout: int = 256,
               figure_rows: int = 3, data_description: str = "in-memory images", shard=None,
-              log: Optional[Callable[[str], None]] = None, backend: str = "reference") -> AuditReport:
+              log: Optional[Callable[[str], None]] = None, backend: str = "auto") -> AuditReport:
     """Run every attack against ``images`` encrypted with ``key`` and score it.
 
     Args:
@@ -441,8 +441,7 @@ def run_audit(images: torch.Tensor, key: Key, *, patch_size: int = 16, known_pai
         shard: an opened :class:`~msd_fast.shards.Shard` holding ``images`` encoded with ``key``: its items are the
             server's view (image mode: a jigsaw row with the shard's options; token mode: the tokens of its ``D``).
         log: called with one line per finished step (e.g. ``print``); silent by default.
-        backend: the kernel backend that encrypts with the dense scheme (``"reference"``, or ``"auto"`` once the CPU
-            block-mixing kernel is built). The dense rows attack the first 3/4 of ``images``; the last 1/4 is the
+        backend: the kernel backend that encrypts with the dense scheme. The dense rows attack the first 3/4 of ``images``; the last 1/4 is the
             attacker's same-domain public set.
 
     Returns:
@@ -692,14 +691,16 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheme", choices=("dense", "permute"), default=None,
                         help="audit only this configuration (quick_audit: one leakage line per attack, writes "
                              "quick_audit.json); with --shard the shard's own configuration is audited")
-    parser.add_argument("--per-sample", action="store_true", help="with --scheme: per-sample block orders")
+    parser.add_argument("--per-sample", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --scheme: per-sample block orders (default, as encode; --no-per-sample: one "
+                             "key-wide order)")
     parser.add_argument("--cipher-dtype", choices=("float16", "float32"), default="float16",
                         help="with --scheme dense: the ciphertext dtype (default float16)")
     parser.add_argument("--public", default=None,
                         help="with --scheme/--shard: same-domain public images (a data spec) for the statistics "
                              "attack (default: the last quarter of --data, not attacked)")
-    parser.add_argument("--backend", default="reference",
-                        help="backend that encrypts with the dense scheme (default reference)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "reference", "cpu", "triton", "cuda"),
+                        help="kernel backend that encrypts with the dense scheme (default auto)")
 
 
 def run_audit_command(args: argparse.Namespace) -> int:
