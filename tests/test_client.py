@@ -235,3 +235,18 @@ def test_encode_on_cuda_matches_cpu(tmp_path, mode, options):
     else:
         torch.testing.assert_close(open_shard(tmp_path / "gpu.shard")[0:70], open_shard(tmp_path / "cpu.shard")[0:70],
                                    atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("extra, weak", [([], False), (["--no-per-sample"], True),
+                                         (["--scheme", "permute", "--no-per-sample"], True),
+                                         (["--scheme", "permute"], True)])
+def test_weak_encryption_prints_one_warning_naming_what_the_audit_recovers(tmp_path, key_file, capsys, extra, weak):
+    assert main(["encode", "--key", key_file, "--data", "synthetic:8", "--image-size", "16", "--patch-size", "4",
+                 "--out", str(tmp_path / "x.shard")] + extra) == 0
+    warnings_printed = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    if weak:
+        assert len(warnings_printed) == 1 and "weak encryption" in warnings_printed[0]
+        assert "SECURITY.md" in warnings_printed[0] and ("statistics attack" in warnings_printed[0]
+                                                          or "recovers" in warnings_printed[0])
+    else:
+        assert warnings_printed == []
