@@ -177,10 +177,8 @@ def decrypt_shard(shard, key: Key, indices=None) -> torch.Tensor:
     item without the batch dimension. Needs the shard's key."""
     require_key(key)
     shard = shard if isinstance(shard, Shard) else open_shard(shard)
+    shard.check_key(key)
     meta = shard.metadata
-    if meta.key_fingerprint != key.fingerprint:
-        raise ValueError(f"{shard.path} was encoded with key fingerprint {meta.key_fingerprint}, not with this key "
-                         f"({key.fingerprint})")
     rows = torch.arange(len(shard)) if indices is None else _integer_indices(indices)
     if rows.dim() == 0:  # one item: decrypted as a batch of one, returned without the batch dimension
         return decrypt_shard(shard, key, rows.view(1))[0]

@@ -155,6 +155,13 @@ class Shard:
         np_dtype = _DTYPES[meta.dtype][1]
         self._data = np.memmap(path, dtype=np_dtype, mode="r", offset=offset, shape=(meta.count, *meta.item_shape))
 
+    def check_key(self, key) -> None:
+        """Raise ``ValueError`` unless ``key`` (an :class:`~msd_fast.Key`) is the one this shard was encoded with
+        (compared by public fingerprint; the message names both fingerprints, never a secret)."""
+        if self.metadata.key_fingerprint != key.fingerprint:
+            raise ValueError(f"{self.path} was encoded with key fingerprint {self.metadata.key_fingerprint}, not with "
+                             f"this key ({key.fingerprint})")
+
     def __len__(self) -> int:
         return self.metadata.count
 

@@ -471,10 +471,8 @@ def _audit(images, key, *, patch_size, known_pairs, token_dims, method, max_held
     sample_id_start = 0
     shard_view = None
     if shard is not None:
+        shard.check_key(key)
         meta = shard.metadata
-        if meta.key_fingerprint != key.fingerprint:
-            raise ValueError(f"shard was encoded with key fingerprint {meta.key_fingerprint}, not with this key "
-                             f"({key.fingerprint})")
         if meta.count > B or tuple(meta.image_size) != (H, W) or meta.channels != C:
             raise ValueError(f"shard holds {meta.count} items of {meta.channels}x{meta.image_size[0]}x"
                              f"{meta.image_size[1]} but images are {B} of {C}x{H}x{W}: pass the data it was "
@@ -751,10 +749,8 @@ def _run_quick_audit(args: argparse.Namespace, spec: EncryptionSpec, images: tor
     if args.public:
         public = load_dataset(args.public).to_tensor()
     if shard is not None:
+        shard.check_key(key)
         meta = shard.metadata
-        if meta.key_fingerprint != key.fingerprint:
-            raise ValueError(f"shard was encoded with key fingerprint {meta.key_fingerprint}, not with this key "
-                             f"({key.fingerprint})")
         patch_size, count = meta.patch_size, min(meta.count, len(images))
         images, cipher = images[:count], shard[0:count]
         start = int(meta.encryption.get("sample_id_start", 0))
