@@ -73,7 +73,7 @@ status=0
     || { echo "a user error should be one line and exit 2, got status $status:"; cat error.txt; exit 1; }
 # The protocol at toy sizes, one command per step (demo --fast takes minutes on 2 cores; this about one).
 quietly "$M" keygen --out k.key
-quietly "$M" encode --key k.key --data synthetic:96 --image-size 32 --patch-size 8 --negpos --out c0.shard
+quietly "$M" encode --key k.key --data synthetic:96 --image-size 32 --patch-size 8 --out c0.shard
 quietly "$M" pretrain c0.shard --out p --depth 1 --embed-dim 24 --num-heads 2 --out-dim 32 --head-hidden-dim 32 \
     --head-bottleneck-dim 16 --epochs 2 --batch-size 32 --local-views 1 --warmup-epochs 0 --no-progress --device cpu
 quietly "$M" export --checkpoint p/checkpoint.pt --out model.safetensors

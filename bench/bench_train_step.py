@@ -1,5 +1,5 @@
 """End-to-end throughput: images/s of one masked-sampling-distillation (MS-DINO) training step -- the server's own
-networks (``msd_fast.pretrain``: timm ViT + DINO head with BatchNorm, ``MaskedSamplingNet``) -- with our kernels
+networks (``msd_fast.server``: timm ViT + DINO head with BatchNorm, ``MaskedSamplingNet``) -- with our kernels
 (``backend="auto"``) vs the same step with every op forced to ``"reference"``, in the same run.
 
 One step, as ``msd-fast pretrain`` runs it on a batch of (encrypted) images ``[B, 3, 224, 224]``: ``sample_views``
@@ -17,8 +17,8 @@ import torch
 
 from msd_fast import DINOLoss, sample_views
 from msd_fast.backends import resolve_backend
-from msd_fast.pretrain.model import DINOHead, MaskedSamplingNet, create_backbone
-from msd_fast.pretrain.trainer import parameter_groups
+from msd_fast.server.model import DINOHead, MaskedSamplingNet, create_backbone
+from msd_fast.server.trainer import parameter_groups
 
 from bench.common import DEVICE, describe, synchronize
 

@@ -12,9 +12,10 @@ Public API (each op takes ``backend="auto"``; see :func:`backends`):
   gather + position embedding + prefix tokens per call; :func:`forward_views` runs a timm ViT on them.
 * :func:`dino_loss` / :class:`DINOLoss` -- the fused DINO self-distillation loss and its module (center, schedule).
 """
+from . import _moved
 from .backends import BackendStatus, BackendUnavailableError, backends
-from .dino import DINOLoss
-from .encryption import EncryptionSpec
+from .server.dino import DINOLoss
+from .protocol.encryption import EncryptionSpec
 from .keys import Key
 from .ops.block_mixing import decrypt_blocks, encrypt_blocks
 from .ops.dino_loss import dino_loss
@@ -24,6 +25,8 @@ from .ops.token_permutation import permute_tokens, unpermute_tokens
 from .vit import decrypt_vit, encrypt_vit, forward_views
 
 __version__ = "0.1.0"
+
+_moved.install()
 
 __all__ = [
     "BackendStatus",

@@ -1,4 +1,4 @@
-"""Checks shared by every command, run before any work starts (see also :mod:`msd_fast.paths` for ``--out``)."""
+"""Checks shared by every command, run before any work starts (see also :mod:`msd_fast.cli.paths` for ``--out``)."""
 from __future__ import annotations
 
 import argparse

@@ -25,14 +25,14 @@ DOWNSTREAM_SECRET = b"downstream test key"
 @pytest.fixture(scope="session")
 def exported_backbones(tmp_path_factory):
     """Tiny pretrained backbones for the downstream tests, made the way a consortium makes them: 40 synthetic
-    32x32 scans encoded with :func:`msd_fast.client.encode_dataset` (image mode with negative-positive, and token
+    32x32 scans encoded with :func:`msd_fast.client.encode.encode_dataset` (image mode with negative-positive, and token
     mode), pretrained for one epoch (ViT depth 1, width 24, patch 8), exported. Returns ``{"image": path,
     "token": path, "secret": bytes}`` (the key is ``Key.from_secret(secret)``)."""
     from msd_fast import Key
-    from msd_fast.client import encode_dataset
-    from msd_fast.encryption import EncryptionSpec
+    from msd_fast.client.encode import encode_dataset
+    from msd_fast.protocol.encryption import EncryptionSpec
     from msd_fast.data import synthetic_dataset
-    from msd_fast.pretrain import PretrainConfig, export_backbone, pretrain
+    from msd_fast.server import PretrainConfig, export_backbone, pretrain
 
     folder = tmp_path_factory.mktemp("exported")
     key = Key.from_secret(DOWNSTREAM_SECRET)

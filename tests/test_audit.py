@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from msd_fast import Key, encrypt_patches, permute_tokens
-from msd_fast.audit import jigsaw_attack, recover_key_tables, run_audit
-from msd_fast.audit.assignment import assign
-from msd_fast.audit.jigsaw import edge_dissimilarity, estimate_negpos_mask, solve_placement
-from msd_fast.audit.layout import recover_grid_layout
-from msd_fast.audit.metrics import (DIHEDRAL, PSNR_CAP_DB, chance_neighbour_accuracy, direct_accuracy,
+from msd_fast.evaluation.audit import jigsaw_attack, recover_key_tables, run_audit
+from msd_fast.evaluation.audit.assignment import assign
+from msd_fast.evaluation.audit.jigsaw import edge_dissimilarity, estimate_negpos_mask, solve_placement
+from msd_fast.evaluation.audit.layout import recover_grid_layout
+from msd_fast.evaluation.audit.metrics import (DIHEDRAL, PSNR_CAP_DB, chance_neighbour_accuracy, direct_accuracy,
                                     neighbour_accuracy, psnr, ssim)
-from msd_fast.audit.report import score_reassembly
-from msd_fast.audit.token_attacks import (cluster_token_positions, fit_token_inversion, label_clusters, patch_prior,
+from msd_fast.evaluation.audit.report import score_reassembly
+from msd_fast.evaluation.audit.token_attacks import (cluster_token_positions, fit_token_inversion, label_clusters, patch_prior,
                                           public_embedder_attack)
 from msd_fast.ops.patch_encryption import image_to_blocks
-from msd_fast.token_embedding import INPUT_SCALE, TokenEmbedder
+from msd_fast.protocol.token_embedding import INPUT_SCALE, TokenEmbedder
 
 KEY = Key.from_secret(b"audit test key")
 
@@ -299,8 +299,8 @@ def test_run_audit_report_files_and_no_secret(tmp_path):
 
 
 def test_cli_audit_quick_and_with_a_shard(tmp_path, capsys):
-    from msd_fast.cli import main
-    from msd_fast.client import encode_dataset
+    from msd_fast.cli.commands import main
+    from msd_fast.client.encode import encode_dataset
     from msd_fast.data import load_dataset
 
     key_path = tmp_path / "k.key"
@@ -312,7 +312,7 @@ def test_cli_audit_quick_and_with_a_shard(tmp_path, capsys):
     assert key.fingerprint in out and key._secret.hex() not in out
     assert sorted(os.listdir(tmp_path / "a")) == ["audit.json", "audit.md", "audit.png"]
 
-    from msd_fast.encryption import EncryptionSpec
+    from msd_fast.protocol.encryption import EncryptionSpec
     encode_dataset(load_dataset("synthetic:12"), key, str(tmp_path / "s.shard"), patch_size=8,
                    encryption=EncryptionSpec(scheme="permute", pixel_shuffle=True, negpos=True, per_sample=True),
                    sample_id_start=77, progress=False)

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from msd_fast import Key
-from msd_fast.audit.dense_known_plaintext import recover_block_matrix
-from msd_fast.audit.dense_study import set_psnr, true_orders
-from msd_fast.audit.quick import quick_audit
-from msd_fast.audit.statistics_attack import (block_moments, cipher_blocks, natural_image_blocks,
+from msd_fast.evaluation.audit.dense_known_plaintext import recover_block_matrix
+from msd_fast.evaluation.audit.dense_study import set_psnr, true_orders
+from msd_fast.evaluation.audit.quick import quick_audit
+from msd_fast.evaluation.audit.statistics_attack import (block_moments, cipher_blocks, natural_image_blocks,
                                               public_blocks_from_images, statistics_attack, to_pixels)
-from msd_fast.encryption import EncryptionSpec
+from msd_fast.protocol.encryption import EncryptionSpec
 from msd_fast.ops.patch_encryption import blocks_to_image
 
 from test_audit import smooth_images
@@ -104,7 +104,7 @@ def test_attacks_never_receive_the_key():
 def test_cli_audit_one_configuration(tmp_path, capsys):
     import json
 
-    from msd_fast.cli import main
+    from msd_fast.cli.commands import main
 
     assert main(["audit", "--data", "synthetic:24", "--patch-size", "8", "--scheme", "dense", "--per-sample",
                  "--out", str(tmp_path / "q")]) == 0

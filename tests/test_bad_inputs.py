@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from msd_fast import Key, encrypt_patches, encrypt_vit
-from msd_fast.cli import main
-from msd_fast.client import decrypt_shard, encode_dataset
+from msd_fast.cli.commands import main
+from msd_fast.client.encode import decrypt_shard, encode_dataset
 from msd_fast.data import synthetic_dataset
-from msd_fast.pretrain import PretrainConfig
-from msd_fast.pretrain.checkpoint import load_checkpoint
+from msd_fast.server import PretrainConfig
+from msd_fast.server.checkpoint import load_checkpoint
 
 KEY = Key.from_secret(b"bad inputs test key")
 TINY_VIT = ["--depth", "1", "--embed-dim", "24", "--num-heads", "2", "--out-dim", "16", "--head-hidden-dim", "32",

@@ -3,8 +3,8 @@ import os
 import pytest
 from PIL import Image
 
-from msd_fast.cli import main
-from msd_fast.encryption_demo import run
+from msd_fast.cli.commands import main
+from msd_fast.evaluation.encryption_demo import run
 
 
 def test_encrypt_demo_writes_the_side_by_side_image(tmp_path, capsys):
@@ -73,7 +73,7 @@ def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path):
 
 
 def test_keyboard_interrupt_is_one_line_and_exit_status_130(monkeypatch, capsys):
-    from msd_fast import cli
+    from msd_fast.cli import commands as cli
 
     def interrupted(args):
         raise KeyboardInterrupt
@@ -84,7 +84,7 @@ def test_keyboard_interrupt_is_one_line_and_exit_status_130(monkeypatch, capsys)
 
 
 def test_a_bug_is_not_reported_as_a_user_error(monkeypatch, capsys):
-    from msd_fast import cli
+    from msd_fast.cli import commands as cli
 
     def broken(args):
         raise TypeError("a bug, not a user error")

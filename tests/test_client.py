@@ -1,4 +1,4 @@
-"""Client side: keygen and encode (CLI and msd_fast.client), shard round trips, no labels, streaming, atomicity."""
+"""Client side: keygen and encode (CLI and msd_fast.client.encode), shard round trips, no labels, streaming, atomicity."""
 import os
 import stat
 
@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from msd_fast import Key
-from msd_fast.cli import main
-from msd_fast.client import client_subset, decrypt_shard, encode_dataset, make_key
+from msd_fast.cli.commands import main
+from msd_fast.client.encode import client_subset, decrypt_shard, encode_dataset, make_key
 from msd_fast.data import DataError, ImageSet, from_arrays, synthetic_dataset
-from msd_fast.encryption import EncryptionSpec
-from msd_fast.shards import open_shard, open_shards
-from msd_fast.token_embedding import TokenEmbedder
+from msd_fast.protocol.encryption import EncryptionSpec
+from msd_fast.protocol.shards import open_shard, open_shards
+from msd_fast.protocol.token_embedding import TokenEmbedder
 
 KEY = Key.from_secret(b"client test key")
 

@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from msd_fast.cli import main
-from msd_fast.demo import DemoConfig
+from msd_fast.cli.commands import main
+from msd_fast.evaluation.demo import DemoConfig
 
 REPORT_FILES = ("results.md", "results.csv", "results.json", "loss_curve.png", "pretraining.png",
                 "label_fractions.png", "accuracy_vs_communication.png", "samples.png", "consortium.key",

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from msd_fast import DINOLoss, dino_loss
-from msd_fast.dino import sinkhorn_knopp_center, teacher_temp_schedule
+from msd_fast.server.dino import sinkhorn_knopp_center, teacher_temp_schedule
 
 
 def sinkhorn_knopp_targets(teacher, teacher_temp, n_iterations):

@@ -1,4 +1,4 @@
-"""Downstream evaluation (msd_fast.downstream): metrics against brute force, FedAvg aggregation and communication
+"""Downstream evaluation (msd_fast.evaluation): metrics against brute force, FedAvg aggregation and communication
 from the serialised payload, frozen-feature probes with known answers, and the client's classifiers built from an
 exported backbone (plain domain == encrypted domain exactly, wrong key refused, token mode, fine-tuning, probes)."""
 import copy
@@ -14,14 +14,14 @@ from safetensors.torch import save as safetensors_save
 from msd_fast import Key, permute_tokens
 from msd_fast.data import synthetic_dataset
 from msd_fast.data.synthetic import CLASS_NAMES
-from msd_fast.downstream import (FedAvgSettings, LabelledSplit, Recipe, build_classifier, classification_metrics,
-                                 exported_architecture, fedavg, finetune_and_evaluate, pretrained_classifier, probe,
-                                 random_classifier, state_dict_bytes, weighted_average)
-from msd_fast.downstream.metrics import binary_auc, confusion_matrix
-from msd_fast.downstream.probe import knn_probabilities, linear_probe_probabilities
-from msd_fast.downstream.training import standardisation
-from msd_fast.pretrain import load_exported
-from msd_fast.pretrain.export import read_export_metadata
+from msd_fast.client import Recipe, exported_architecture, pretrained_classifier, random_classifier
+from msd_fast.evaluation import (FedAvgSettings, LabelledSplit, build_classifier, classification_metrics, fedavg,
+                                 finetune_and_evaluate, probe, state_dict_bytes, weighted_average)
+from msd_fast.evaluation.metrics import binary_auc, confusion_matrix
+from msd_fast.evaluation.probe import knn_probabilities, linear_probe_probabilities
+from msd_fast.client.finetune import standardisation
+from msd_fast.server import load_exported
+from msd_fast.server.export import read_export_metadata
 from msd_fast.vit import forward_views
 
 TINY = dict(arch="vit_tiny_patch16_224", image_size=(32, 32), patch_size=8, in_chans=1, depth=1, embed_dim=24,
@@ -205,7 +205,7 @@ def test_fedavg_aggregates_local_models_weighted_by_client_size(monkeypatch):
                 param.add_(len(images) / 100)  # client sizes 6 and 10 -> +0.06 / +0.10
         return model
 
-    monkeypatch.setattr(sys.modules["msd_fast.downstream.fedavg"], "train_classifier", fake_training)
+    monkeypatch.setattr(sys.modules["msd_fast.evaluation.fedavg"], "train_classifier", fake_training)
     clients = [(torch.zeros(n, 1, 32, 32, dtype=torch.uint8), torch.zeros(n, dtype=torch.int64)) for n in (6, 10)]
     init = tiny_classifier()
     model, traffic = fedavg(lambda: copy.deepcopy(init), clients, Recipe(), FedAvgSettings(rounds=3),

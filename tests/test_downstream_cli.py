@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from msd_fast import Key
-from msd_fast.cli import main
+from msd_fast.cli.commands import main
 from msd_fast.data import label_fraction_subset, split_clients, synthetic_dataset, train_test_split
-from msd_fast.downstream import exported_architecture
-from msd_fast.downstream.probe import default_k
-from msd_fast.pretrain.export import read_export_metadata
+from msd_fast.client import exported_architecture
+from msd_fast.evaluation.probe import default_k
+from msd_fast.server.export import read_export_metadata
 
 TINY_ARCH = ["--depth", "1", "--embed-dim", "24", "--num-heads", "2", "--patch-size", "8"]
 FAST = ["--steps", "4", "--batch-size", "16", "--device", "cpu"]
@@ -197,7 +197,7 @@ def test_image_folders_and_test_folders_with_other_classes(tmp_path, capsys):
 @pytest.mark.parametrize("command", ["finetune", "probe", "fedavg"])
 def test_an_out_that_is_a_file_is_refused_before_any_work(exported_backbones, key_file, tmp_path, capsys,
                                                           monkeypatch, command):
-    import msd_fast.downstream.cli as downstream_cli
+    import msd_fast.cli.downstream as downstream_cli
 
     def no_work(*_, **__):
         raise AssertionError("work started before --out was checked")

@@ -12,7 +12,7 @@ import pytest
 
 from msd_fast import Key
 from msd_fast.atomic import _HOST, atomic_write, remove_stale_temporaries
-from msd_fast.pretrain.logs import MetricsLog
+from msd_fast.server.logs import MetricsLog
 
 
 def _temporaries(folder):

@@ -2,7 +2,7 @@
 import torch
 
 from msd_fast import Key
-from msd_fast.pretrain.optim import KeyInvariantAdamW
+from msd_fast.server.optim import KeyInvariantAdamW
 
 A = Key.from_secret(b"optimiser test key").block_matrix(12)
 

@@ -86,7 +86,7 @@ def test_setup_ships_every_package_and_kernels_as_msd_fast_kernels(monkeypatch, 
     source_packages = {".".join(path.parent.relative_to(ROOT).parts) for path in (ROOT / "msd_fast").rglob("*.py")
                        if "__pycache__" not in path.parts}
     assert source_packages <= set(captured["packages"]), source_packages - set(captured["packages"])
-    assert {"msd_fast.audit", "msd_fast.data", "msd_fast.downstream", "msd_fast.pretrain",
+    assert {"msd_fast.evaluation.audit", "msd_fast.data", "msd_fast.evaluation", "msd_fast.server",
             "msd_fast.ops"} <= source_packages
     assert "msd_fast.kernels" in captured["packages"] and "kernels" not in captured["packages"]
     assert captured["package_dir"]["msd_fast.kernels"] == "kernels"

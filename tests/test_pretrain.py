@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from msd_fast import EncryptionSpec, Key, decrypt_vit, encrypt_blocks, encrypt_patches
-from msd_fast.client import encode_dataset
+from msd_fast.client.encode import encode_dataset
 from msd_fast.data import ImageSet
-from msd_fast.pretrain import PretrainConfig, export_backbone, load_exported, pretrain
-from msd_fast.pretrain.checkpoint import load_checkpoint
-from msd_fast.pretrain.schedules import cosine_schedule
-from msd_fast.pretrain.trainer import Pretraining
-from msd_fast.shards import shard_metadata, write_shard
+from msd_fast.server import PretrainConfig, export_backbone, load_exported, pretrain
+from msd_fast.server.checkpoint import load_checkpoint
+from msd_fast.server.schedules import cosine_schedule
+from msd_fast.server.trainer import Pretraining
+from msd_fast.protocol.shards import shard_metadata, write_shard
 
 KEY = Key.from_secret(b"pretrain test key")
 ENCRYPTION = {"block_scramble": True, "pixel_shuffle": True, "negpos": True, "max_value": 255.0, "per_sample": False}
@@ -163,7 +163,7 @@ def test_the_server_never_opens_a_key_file(shards, tmp_path):
 import sys
 opened = []
 sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" and args else None)
-from msd_fast.cli import main
+from msd_fast.cli.commands import main
 main(["pretrain", *{shards!r}, "--out", {str(tmp_path / 'run')!r}, "--depth", "1", "--embed-dim", "24",
       "--num-heads", "2", "--out-dim", "32", "--head-hidden-dim", "32", "--head-bottleneck-dim", "16",
       "--epochs", "1", "--batch-size", "16", "--local-views", "1", "--warmup-epochs", "0", "--no-progress"])
@@ -220,7 +220,7 @@ def test_two_gloo_processes_match_one_process_with_the_global_batch(shards, tmp_
 
 def test_token_mode_pretrains_on_permuted_tokens_and_exports(tmp_path):
     from msd_fast import permute_tokens
-    from msd_fast.token_embedding import TokenEmbedder
+    from msd_fast.protocol.token_embedding import TokenEmbedder
 
     embedder = TokenEmbedder.from_key(KEY, patch_size=4, in_chans=1, image_size=(32, 32), embed_dim=24)
     tokens = permute_tokens(embedder(structured_images(32, seed=3)), KEY, list(range(32))).half()

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from msd_fast import EncryptionSpec, Key, decrypt_blocks, encrypt_blocks, encrypt_patches
-from msd_fast.pretrain import pretrain
-from msd_fast.pretrain.augment import commuting_augmentation, contrast_about_midgrey
-from msd_fast.pretrain.monitor import collapse_signals, effective_rank, entropy
-from msd_fast.pretrain.trainer import Pretraining
+from msd_fast.server import pretrain
+from msd_fast.server.augment import commuting_augmentation, contrast_about_midgrey
+from msd_fast.server.monitor import collapse_signals, effective_rank, entropy
+from msd_fast.server.trainer import Pretraining
 
 from test_pretrain import shards, tiny_config  # noqa: F401  (module fixture)
 

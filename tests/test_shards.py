@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from msd_fast.shards import (ShardError, check_compatible, open_shard, open_shards, read_metadata, shard_metadata,
+from msd_fast.protocol.shards import (ShardError, check_compatible, open_shard, open_shards, read_metadata, shard_metadata,
                              write_shard)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from msd_fast import Key
-from msd_fast.token_embedding import INPUT_SCALE, TokenEmbedder
+from msd_fast.protocol.token_embedding import INPUT_SCALE, TokenEmbedder
 
 KEY = Key.from_secret(b"token embedder test")
 

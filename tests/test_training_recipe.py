@@ -3,8 +3,8 @@ set), the linear-probe start, layer-wise learning-rate decay and the recipe's ow
 import pytest
 import torch
 
-from msd_fast.downstream.probe import fit_linear_classifier, linear_probe_probabilities
-from msd_fast.downstream.training import (Recipe, extract_features, fit_head, parameter_groups, predict,
+from msd_fast.evaluation.probe import fit_linear_classifier, linear_probe_probabilities
+from msd_fast.client.finetune import (Recipe, extract_features, fit_head, parameter_groups, predict,
                                           train_classifier, validation_split)
 
 from test_downstream import tiny_classifier
@@ -88,7 +88,7 @@ def test_bad_recipes_are_refused_by_name(change, message):
 
 
 def _client_split(n_train=40, n_test=12, seed=0):
-    from msd_fast.downstream import LabelledSplit
+    from msd_fast.evaluation import LabelledSplit
 
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n_train + n_test, 1, 32, 32), dtype=torch.uint8, generator=generator)
@@ -98,7 +98,7 @@ def _client_split(n_train=40, n_test=12, seed=0):
 
 @pytest.mark.parametrize("refit", [True, False])
 def test_the_head_is_refitted_on_every_labelled_image_after_selection(refit):
-    from msd_fast.downstream import finetune_and_evaluate
+    from msd_fast.evaluation import finetune_and_evaluate
 
     split = _client_split()
     recipe = Recipe(steps=6, batch_size=4, eval_every=3, refit_head=refit, seed=2)

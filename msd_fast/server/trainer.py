@@ -1,0 +1,322 @@
+"""Server-side pretraining by masked sampling distillation (MS-DINO), read top to bottom like DINO's loop:
+
+per step: draw global and local masked views (:func:`~msd_fast.sample_views`), student on all views, EMA teacher on
+the global views (both through the fused :func:`~msd_fast.masked_gather` inside ``forward_views``),
+:class:`~msd_fast.DINOLoss`, AdamW with precomputed lr / weight-decay / momentum schedules, gradient clipping,
+last-layer freezing, teacher EMA. The server only ever reads shards: no key is needed or opened.
+
+Reproducibility: data order, views and dropout are drawn from seeds derived from ``(seed, step, rank)``, and a
+checkpoint is written after every epoch, so ``--resume`` after a crash gives the weights of an uninterrupted run.
+Under ``torchrun`` every process draws the *global* batch's views and keeps its slice, BatchNorm statistics and the
+teacher center are all-reduced, and DDP averages gradients: N processes compute what one process with the global
+batch computes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .dino import DINOLoss
+from ..protocol.encryption import EncryptionSpec
+from ..ops.masked_gather import mark_index_range, sample_views
+from . import distributed
+from .augment import commuting_augmentation
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import PretrainConfig
+from .data import ShardDataset, epoch_batches, steps_per_epoch
+from .model import DINOHead, MaskedSamplingNet, create_backbone
+from .optim import KeyInvariantAdamW
+from .logs import MetricsLog, plot_loss_curve
+from .monitor import collapse_signals
+from .schedules import cosine_schedule
+
+CHECKPOINT_NAME = "checkpoint.pt"
+SEED_AUGMENT = 0xA06  # seed domain of the student's input augmentation
+SIGNAL_SAMPLE = 512  # items of the shards the collapse signals are measured on, evenly spaced
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across runs, machines and Python versions)."""
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def build_networks(config: PretrainConfig, data: ShardDataset, input_stats: tuple[float, float]):
+    """Student and teacher :class:`MaskedSamplingNet` (teacher: same weights, no stochastic depth, no gradients)."""
+    meta = data.metadata
+    token_mode = meta.mode == "token"
+    overrides = config.model_overrides()
+    if token_mode:
+        dim = meta.item_shape[1]
+        if overrides.setdefault("embed_dim", dim) != dim:
+            raise ValueError(f"embed_dim {overrides['embed_dim']} differs from the token shards' D = {dim}")
+    torch.manual_seed(derived_seed(config.seed, 0xA11))
+
+    def network(drop_path: float) -> MaskedSamplingNet:
+        backbone = create_backbone(config.arch, image_size=meta.image_size, patch_size=meta.patch_size,
+                                   in_chans=meta.channels, token_mode=token_mode, drop_path_rate=drop_path,
+                                   **overrides)
+        head = DINOHead(backbone.embed_dim, config.out_dim, use_bn=config.use_bn_in_head,
+                        norm_last_layer=config.norm_last_layer, n_layers=config.head_layers,
+                        hidden_dim=config.head_hidden_dim, bottleneck_dim=config.head_bottleneck_dim)
+        if token_mode:  # tokens arrive embedded: the patch embedding is never used
+            backbone.patch_embed.requires_grad_(False)
+        return MaskedSamplingNet(backbone, head, token_mode=token_mode, input_mean=input_stats[0],
+                                 input_std=input_stats[1])
+
+    student = network(config.drop_path)
+    teacher = network(0.0)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
+EMBED_WEIGHT = "backbone.patch_embed.proj.weight"
+
+
+def parameter_groups(model: nn.Module, rowwise_embed: bool) -> list[dict]:
+    """DINO's groups: biases and 1-D (norm) parameters without weight decay (``decayed`` marks the others). With
+    ``rowwise_embed`` the patch-embedding weight gets its own group with a row-shared second moment
+    (:class:`~msd_fast.server.optim.KeyInvariantAdamW`)."""
+    regularized, plain, embed = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or param.dim() == 1:
+            plain.append(param)
+        else:
+            (embed if rowwise_embed and name == EMBED_WEIGHT else regularized).append(param)
+    groups = [{"params": regularized, "decayed": True}, {"params": plain, "weight_decay": 0.0, "decayed": False}]
+    if embed:
+        groups.append({"params": embed, "decayed": True, "rowwise": True})
+    return groups
+
+
+def weight_digest(model: nn.Module) -> int:
+    """A 52-bit digest of every parameter's bytes (exact as a float64): equal digests mean identical weights."""
+    digest = hashlib.blake2b(digest_size=8)
+    for param in model.parameters():
+        digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(digest.digest(), "little") >> 12
+
+
+def _comparable(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in PretrainConfig.RUNTIME_ONLY}
+
+
+class Pretraining:
+    """One pretraining run: networks, optimiser, schedules and state; :meth:`run` trains to the last epoch.
+
+    ``monitor(teacher, epoch) -> dict`` (optional, main process) is called after every epoch; its values are
+    logged with the epoch's collapse signals (:func:`~msd_fast.server.monitor.collapse_signals`). The demo uses
+    it for a k-NN accuracy on labelled images that the simulated clients hold."""
+
+    def __init__(self, config: PretrainConfig, monitor: Optional[Callable[[MaskedSamplingNet, int], dict]] = None):
+        self.config, self.monitor = config, monitor
+        self.info = distributed.setup(config.device)
+        self.data = ShardDataset.open(config.shards)
+        meta = self.data.metadata
+        self.num_tokens = meta.item_shape[0] if meta.mode == "token" else (
+            (meta.image_size[0] // meta.patch_size) * (meta.image_size[1] // meta.patch_size))
+        if config.batch_size % self.info.world_size:
+            raise ValueError(f"batch_size {config.batch_size} must be divisible by the {self.info.world_size} "
+                             f"processes")
+        self.local_batch = config.batch_size // self.info.world_size
+        self.steps_per_epoch = steps_per_epoch(len(self.data), config.batch_size)
+        self.student, self.teacher = build_networks(config, self.data, self.data.input_stats())
+        self.student.to(self.info.device)
+        self.teacher.to(self.info.device)
+        self.student_ddp = (DistributedDataParallel(self.student, device_ids=[self.info.device.index]
+                                                    if self.info.device.type == "cuda" else None)
+                            if self.info.distributed else self.student)
+        n_views = config.global_views + config.local_views
+        self.loss = DINOLoss(config.out_dim, n_views, config.global_views, student_temp=config.student_temp,
+                             warmup_teacher_temp=config.warmup_teacher_temp, teacher_temp=config.teacher_temp,
+                             warmup_teacher_temp_epochs=config.warmup_teacher_temp_epochs, n_epochs=config.epochs,
+                             center_momentum=config.center_momentum, centering=config.centering).to(self.info.device)
+        self.optimizer = KeyInvariantAdamW(parameter_groups(self.student, config.embed_optimizer == "rowwise"))
+        steps = (config.epochs, self.steps_per_epoch)
+        self.lr = cosine_schedule(config.lr * config.batch_size / 256.0, config.min_lr, *steps,
+                                  warmup_epochs=config.warmup_epochs)
+        self.wd = cosine_schedule(config.weight_decay, config.weight_decay_end, *steps)
+        self.momentum = cosine_schedule(config.momentum_teacher, 1.0, *steps)
+        self.bf16 = config.precision == "bf16" or (config.precision == "auto" and self.info.device.type == "cuda")
+        self.start_epoch, self.history = 0, []
+        self.checkpoint_path = os.path.join(config.out, CHECKPOINT_NAME)
+        self.log: Optional[MetricsLog] = None
+
+    # ---- state -------------------------------------------------------------------------------------------------
+    def state(self, epoch: int) -> dict:
+        return {"epoch": epoch, "config": dataclasses.asdict(self.config), "student": self.student.state_dict(),
+                "teacher": self.teacher.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "dino_loss": self.loss.state_dict(), "data": self.data.metadata.geometry(),
+                "data_sizes": self.data.sizes, "history": self.history,
+                "input_stats": [float(self.student.input_mean), float(self.student.input_std)]}
+
+    def restore(self, state: dict) -> None:
+        mine, saved = _comparable(dataclasses.asdict(self.config)), _comparable(state["config"])
+        differing = sorted(k for k in mine if mine[k] != saved.get(k))
+        if differing:
+            raise ValueError(f"--resume: {self.checkpoint_path} was written with different settings "
+                             f"({', '.join(differing)}); resume with the same settings or use a new --out folder")
+        if state["data"] != self.data.metadata.geometry() or state["data_sizes"] != self.data.sizes:
+            raise ValueError(f"--resume: {self.checkpoint_path} was trained on other shards")
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loss.load_state_dict(state["dino_loss"])
+        self.start_epoch, self.history = state["epoch"], list(state["history"])
+
+    # ---- one step ----------------------------------------------------------------------------------------------
+    def views(self, step: int) -> list[torch.Tensor]:
+        """This process's slice of the global batch's views: ``[V, local_batch, K]`` per view group."""
+        config = self.config
+        generator = torch.Generator().manual_seed(derived_seed(config.seed, 0xF1E3, step))
+        groups = [(config.global_views, config.global_keep)]
+        if config.local_views:
+            groups.append((config.local_views, config.local_keep))
+        first = self.info.rank * self.local_batch
+        views = [sample_views(config.batch_size, self.num_tokens, n, keep, generator=generator)
+                 [:, first:first + self.local_batch].to(self.info.device) for n, keep in groups]
+        # In range by construction: spare masked_gather its index-range check (a device sync per call on GPUs).
+        return [mark_index_range(idx, self.num_tokens) for idx in views]
+
+    def train_step(self, inputs: torch.Tensor, epoch: int, step: int) -> float:
+        config = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(self.lr[step])
+            if group["decayed"]:
+                group["weight_decay"] = float(self.wd[step])
+        torch.manual_seed(derived_seed(config.seed, 0xD50, step, self.info.rank))  # stochastic depth
+        views = self.views(step)
+        with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            student_out = self.student_ddp(self.augment(inputs, step), views)
+            with torch.no_grad():
+                if config.teacher_views == "all":
+                    every = self.teacher.all_tokens(inputs.shape[0], self.num_tokens, inputs.device)
+                    teacher_out = self.teacher(inputs, [every]).repeat(config.global_views, 1)
+                else:
+                    teacher_out = self.teacher(inputs, views[:1])
+        loss = self.loss(student_out.float(), teacher_out.float(), epoch)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the loss is {value} at step {step}; lower --lr or raise --clip-grad")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.clip_grad > 0:
+            nn.utils.clip_grad_norm_(self.student.parameters(), config.clip_grad)
+        if epoch < config.freeze_last_layer:
+            for param in self.student.head.last_layer.parameters():
+                param.grad = None
+        self.optimizer.step()
+        self.update_teacher(step)
+        return value
+
+    def augment(self, inputs: torch.Tensor, step: int) -> torch.Tensor:
+        """The student's inputs: contrast about mid-grey and Gaussian noise, which commute with the encryption
+        (:mod:`~msd_fast.server.augment`); token shards and zero strengths pass through unchanged."""
+        config = self.config
+        if self.data.metadata.mode == "token" or (config.contrast == 0 and config.noise == 0):
+            return inputs
+        generator = torch.Generator().manual_seed(derived_seed(config.seed, SEED_AUGMENT, step))
+        midgrey, value_range = EncryptionSpec.from_metadata(self.data.metadata.encryption).ciphertext_units()
+        return commuting_augmentation(inputs, contrast=config.contrast, noise=config.noise, midgrey=midgrey,
+                                      value_range=value_range, generator=generator, global_batch=config.batch_size,
+                                      first=self.info.rank * self.local_batch)
+
+    @torch.no_grad()
+    def update_teacher(self, step: int) -> None:
+        """``teacher <- m * teacher + (1 - m) * student`` with the scheduled momentum ``m``."""
+        momentum = float(self.momentum[step])
+        teacher_params = list(self.teacher.parameters())
+        torch._foreach_mul_(teacher_params, momentum)
+        torch._foreach_add_(teacher_params, [p.detach() for p in self.student.parameters()], alpha=1.0 - momentum)
+
+    # ---- the loop ------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        config, info = self.config, self.info
+        if info.is_main:
+            os.makedirs(config.out, exist_ok=True)
+        if config.resume and os.path.exists(self.checkpoint_path):
+            self.restore(load_checkpoint(self.checkpoint_path, map_location=info.device))
+        if info.is_main:
+            self.log = MetricsLog(os.path.join(config.out, "log.jsonl"), append=config.resume)
+            self.log.write(event="start", resumed_at_epoch=self.start_epoch, processes=info.world_size,
+                           device=str(info.device), items=len(self.data), steps_per_epoch=self.steps_per_epoch,
+                           key_fingerprint=self.data.metadata.key_fingerprint)
+        self.student.train()
+        self.teacher.train()
+        bar = self._progress_bar()
+        for epoch in range(self.start_epoch, config.epochs):
+            started, losses = time.perf_counter(), []
+            for i, batch in enumerate(epoch_batches(len(self.data), config.batch_size, epoch, config.seed)):
+                step = epoch * self.steps_per_epoch + i
+                mine = batch[info.rank * self.local_batch:(info.rank + 1) * self.local_batch]
+                tick = time.perf_counter()
+                losses.append(self.train_step(self.data.take(mine).to(info.device, non_blocking=True), epoch, step))
+                images_per_s = config.batch_size / (time.perf_counter() - tick)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", lr=f"{self.lr[step]:.2e}",
+                                    img_s=f"{images_per_s:.0f}")
+                if self.log is not None and (step % config.log_every == 0 or i == self.steps_per_epoch - 1):
+                    self.log.write(event="step", epoch=epoch, step=step, loss=losses[-1], lr=float(self.lr[step]),
+                                   weight_decay=float(self.wd[step]), momentum=float(self.momentum[step]),
+                                   images_per_s=images_per_s)
+            seconds = time.perf_counter() - started
+            self.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "seconds": seconds,
+                                 "images_per_s": self.steps_per_epoch * config.batch_size / seconds})
+            if info.is_main:
+                self.history[-1].update(self.epoch_signals(epoch))
+                save_checkpoint(self.state(epoch + 1), self.checkpoint_path)
+                self.log.write(event="epoch", **self.history[-1])
+                plot_loss_curve(self.log.path, os.path.join(config.out, "loss_curve.png"))
+        if bar is not None:
+            bar.close()
+        digests = distributed.gather_floats(float(weight_digest(self.student)), info)
+        summary = {"epochs": config.epochs, "steps": config.epochs * self.steps_per_epoch,
+                   "history": self.history, "checkpoint": self.checkpoint_path,
+                   "processes": info.world_size, "ranks_identical": len(set(digests)) == 1}
+        if self.log is not None:
+            self.log.write(event="end", ranks_identical=summary["ranks_identical"],
+                           final_loss=self.history[-1]["loss"] if self.history else None)
+            self.log.close()
+        return summary
+
+    def epoch_signals(self, epoch: int) -> dict:
+        """Collapse signals of the teacher on a fixed sample of the shards, plus the monitor's values."""
+        picks = torch.linspace(0, len(self.data) - 1, min(len(self.data), SIGNAL_SAMPLE)).round().long().unique()
+        inputs = self.data.take(picks).to(self.info.device)
+        signals = collapse_signals(self.teacher, inputs, self.loss.center,
+                                   float(self.loss.teacher_temp_schedule[epoch]))
+        if self.monitor is not None:
+            signals.update(self.monitor(self.teacher, epoch))
+        return signals
+
+    def _progress_bar(self):
+        if not (self.config.progress and self.info.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        total = self.config.epochs * self.steps_per_epoch
+        return tqdm(total=total, initial=self.start_epoch * self.steps_per_epoch, desc="pretrain", unit="step",
+                    disable=None, dynamic_ncols=True)
+
+
+def pretrain(config: PretrainConfig, monitor: Optional[Callable[[MaskedSamplingNet, int], dict]] = None) -> dict:
+    """Run (or resume) pretraining; returns a summary (per-epoch loss, speed and collapse signals, checkpoint path).
+    Call it once per process (``torchrun`` sets the process group up through the environment). ``monitor``: see
+    :class:`Pretraining`."""
+    run = Pretraining(config, monitor)
+    try:
+        return run.run()
+    finally:
+        distributed.teardown()
