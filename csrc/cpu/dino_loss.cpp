@@ -41,7 +41,7 @@ constexpr int64_t kTile = 256;
 // The build targets baseline x86-64 (SSE2). On Linux x86-64 the two per-sample passes, where the exponentials are,
 // are also compiled for AVX2+FMA and AVX+FMA; the loader picks the best clone for the CPU (function multiversioning).
 #if defined(__linux__) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__AVX__)
-#define MSD_FAST_SIMD_CLONES __attribute__((target_clones("arch=haswell", "fma", "default")))
+#define MSD_FAST_SIMD_CLONES __attribute__((target_clones("arch=haswell", "fma", "default"), flatten))
 #else
 #define MSD_FAST_SIMD_CLONES
 #endif
