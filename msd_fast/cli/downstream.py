@@ -22,7 +22,6 @@ import sys
 import time
 from typing import Optional, Union
 
-import torch
 
 from ..atomic import write_text
 from ..checks import is_positive_int, require, resolve_device

@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 import torch
 
 from ..data import DataError, ImageSet, check_patch_size, split_clients
-from ..protocol.encryption import CIPHER_DTYPES, SCHEMES, EncryptionSpec
+from ..protocol.encryption import EncryptionSpec
 from ..keys import Key, require_key
 from ..ops.token_permutation import permute_tokens, unpermute_tokens
 from ..protocol.shards import Shard, ShardMetadata, open_shard, shard_metadata, write_shard
