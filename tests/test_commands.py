@@ -197,3 +197,15 @@ def test_the_library_modules_keep_no_command_line_code():
     for module in (encode, report, demo):
         assert "argparse" not in vars(module), module.__name__
         assert not [name for name in vars(module) if name.startswith(("add_", "run_")) and "argument" in name]
+
+
+def test_a_part_renames_its_settings_in_messages_and_refuses_unknown_fields():
+    from msd_fast.cli.flags import Part
+
+    part = Part(Recipe, "recipe", rename={"lr": "finetune_lr", "steps": "finetune_steps"})
+    assert part.rename_message("lr must be > 0, got 0") == "--finetune-lr must be > 0, got 0"
+    assert part.rename_message("--steps 5 is less than --eval-every 25") == \
+        "--finetune-steps 5 is less than --eval-every 25"
+    assert part.rename_message("learning went wrong") == "learning went wrong"  # not a setting's name
+    with pytest.raises(TypeError, match="has no field"):
+        Part(Recipe, "recipe", exclude=("no_such_setting",)).names()

@@ -110,6 +110,8 @@ def compose(*parts: Part) -> Callable[[type], type]:
     """Class decorator, applied *below* ``@dataclasses.dataclass``: add every part's settings as fields of the class
     (after its own), with the part's defaults and help text, grouped under the part's title in ``--help``."""
     def decorate(cls: type) -> type:
+        if dataclasses.is_dataclass(cls):
+            raise TypeError(f"@compose must come below @dataclasses.dataclass on {cls.__name__}")
         annotations = cls.__dict__.get("__annotations__")
         if annotations is None:
             annotations = {}
