@@ -145,7 +145,8 @@ def _as_flag(message: str, args: argparse.Namespace) -> str:
 
 
 def main(argv: list | None = None) -> int:
-    """Parse ``argv``, check the command's outputs, run it; returns the exit status: 0, 2 on a user error (one line),
+    """Parse ``argv``, build the command's config (every setting checked), check its ``--device`` and ``--out``, run
+    it; returns the exit status: 0, 2 on a user error (one line),
     1 on an internal error (the traceback, then a line saying it is a bug), 130 on Ctrl-C, 143 on SIGTERM -- in
     every case the files being written are removed, none is left half-written."""
     commands = {command.name: command for command in command_table()}
