@@ -1,9 +1,23 @@
-"""Checks shared by every command, run before any work starts (see also :mod:`msd_fast.cli.paths` for ``--out``)."""
+"""Checks shared by every command, run before any work starts (see also :mod:`msd_fast.cli.paths` for ``--out``),
+and :func:`require`, the one way a settings dataclass refuses a value, naming its flag."""
 from __future__ import annotations
 
-import argparse
+from typing import Any, Callable
 
 import torch
+
+
+def is_positive_int(value: Any) -> bool:
+    """An ``int`` >= 1 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def require(config: Any, name: str, valid: Callable[[Any], bool], requirement: str) -> None:
+    """A ``ValueError`` ``--name must be <requirement>, got <value>`` unless ``valid(config.name)`` (comparisons
+    with NaN are false: NaN never passes)."""
+    value = getattr(config, name)
+    if not valid(value):
+        raise ValueError(f"--{name.replace('_', '-')} must be {requirement}, got {value}")
 
 
 def resolve_device(name: str, flag: str = "--device") -> torch.device:
@@ -25,7 +39,7 @@ def resolve_device(name: str, flag: str = "--device") -> torch.device:
     return device
 
 
-def check_command(args: argparse.Namespace) -> None:
-    """The checks every command shares: its ``--device`` exists here."""
-    if isinstance(getattr(args, "device", None), str):
-        resolve_device(args.device)
+def check_command(config: Any) -> None:
+    """The checks every command shares: its ``--device`` (when it has one) exists here."""
+    if isinstance(getattr(config, "device", None), str):
+        resolve_device(config.device)

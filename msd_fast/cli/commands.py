@@ -4,20 +4,26 @@ Every subcommand runs inside :func:`main`'s one error handler: a user error (a m
 shard, a bad flag value, a backend that is not built here) prints one line ``msd-fast <command>: error: <message>``
 on stderr and exits with status 2; ``--debug`` shows the traceback instead. A bug prints its traceback and says so
 (status 1); Ctrl-C exits with status 130, SIGTERM with 143, and neither leaves a half-written file.
+
+Every subcommand is declared the same way, as one :class:`Command` of :func:`command_table`: a config dataclass
+whose fields are its flags (:mod:`msd_fast.cli.flags`; its ``__post_init__`` checks the values, naming the flag)
+and a function that runs it on that config.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import re
 import sys
 import traceback
 import warnings
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from ..atomic import Terminated, terminate_as_exit
 from ..backends import BackendUnavailableError
 from ..checks import check_command
+from .flags import add_dataclass_arguments, dataclass_from_args
 from .paths import check_outputs
 
 # What a user's input can cause. DataError and ShardError are ValueErrors; OSError covers missing, existing and
@@ -26,7 +32,25 @@ from .paths import check_outputs
 USER_ERRORS = (ValueError, OSError, AssertionError, FloatingPointError, BackendUnavailableError)
 
 
-def _backends(args: argparse.Namespace) -> int:
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One subcommand: its name and one-line help, the config dataclass whose fields are its flags
+    (:mod:`.flags`), the function that runs it on that config (returns the exit status) and what its ``--out``
+    must be (``"folder"``, ``"file"`` or None), checked before any work (:mod:`.paths`)."""
+
+    name: str
+    help: str
+    config: type
+    run: Callable[[Any], int]
+    out_kind: Optional[str] = None
+
+
+@dataclasses.dataclass
+class BackendsConfig:
+    """``msd-fast backends`` has no settings."""
+
+
+def _backends(config: BackendsConfig) -> int:
     from ..backends import backends
 
     for status in backends().values():
@@ -34,33 +58,39 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
-def _encrypt_demo(args: argparse.Namespace) -> int:
-    from ..evaluation.encryption_demo import run
+def command_table() -> tuple[Command, ...]:
+    """Every subcommand, in the order ``--help`` lists them."""
+    from ..evaluation.demo import DemoConfig
+    from ..server.config import PretrainConfig
+    from .audit import AuditConfig, run_audit
+    from .client import EncodeConfig, KeygenConfig, run_encode, run_keygen
+    from .demo import EncryptDemoConfig, run_demo, run_encrypt_demo
+    from .downstream import FedAvgConfig, FinetuneConfig, ProbeConfig, run_fedavg, run_finetune, run_probe
+    from .server import ExportConfig, run_export, run_pretrain
 
-    run(out_dir=args.out, patch_size=args.patch_size, size=args.size, key_path=args.key)
-    return 0
-
-
-def _pretrain(args: argparse.Namespace) -> int:
-    from ..server import pretrain
-    from ..server.config import from_args
-
-    summary = pretrain(from_args(args))
-    if summary["history"]:
-        last = summary["history"][-1]
-        print(f"pretrained {summary['epochs']} epochs ({summary['steps']} steps, {summary['processes']} process(es)): "
-              f"final epoch loss {last['loss']:.4f}, {last['images_per_s']:.1f} images/s; "
-              f"checkpoint {summary['checkpoint']}")
-    return 0
-
-
-def _export(args: argparse.Namespace) -> int:
-    from ..server import export_backbone
-
-    metadata = export_backbone(args.checkpoint, args.out, overwrite=args.force)
-    print(f"exported {metadata['arch']} ({metadata['mode']} mode, patch {metadata['patch_size']}, "
-          f"key fingerprint {metadata['key_fingerprint']}) to {args.out}")
-    return 0
+    return (
+        Command("backends", "which kernel backends are available here, and why not", BackendsConfig, _backends),
+        Command("encrypt-demo", "encrypt/decrypt synthetic scans and write a side-by-side PNG", EncryptDemoConfig,
+                run_encrypt_demo, "folder"),
+        Command("keygen", "client: write a new consortium key (prints its fingerprint only)", KeygenConfig,
+                run_keygen, "file"),
+        Command("encode", "client: encrypt a dataset once into the shard to upload", EncodeConfig, run_encode,
+                "file"),
+        Command("pretrain", "server: masked sampling distillation on uploaded shards (run under torchrun for "
+                            "several processes)", PretrainConfig, run_pretrain, "folder"),
+        Command("export", "server: write the pretrained backbone as timm safetensors", ExportConfig, run_export,
+                "file"),
+        Command("finetune", "client: fine-tune the exported backbone (or the same ViT from random init) and evaluate "
+                            "it", FinetuneConfig, run_finetune, "folder"),
+        Command("probe", "client: k-NN and linear probe on the frozen features of the backbone (or of random init)",
+                ProbeConfig, run_probe, "folder"),
+        Command("fedavg", "baseline: supervised FedAvg over simulated clients, with its communication", FedAvgConfig,
+                run_fedavg, "folder"),
+        Command("demo", "the whole pipeline and both baselines on simulated clients, with a report (the main "
+                        "command)", DemoConfig, run_demo, "folder"),
+        Command("audit", "play the honest-but-curious server: attack encrypted data, report what it recovers next "
+                         "to chance (markdown, PNG, JSON)", AuditConfig, run_audit, "folder"),
+    )
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -85,87 +115,19 @@ def one_line_warnings(command: str) -> Iterator[None]:
         warnings.showwarning = previous
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Optional[Iterable[Command]] = None) -> argparse.ArgumentParser:
+    """The ``msd-fast`` parser: one subparser per :class:`Command` (default: :func:`command_table`), its flags from
+    the command's config dataclass."""
     parser = OneLineParser(prog="msd-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    report = commands.add_parser("backends", help="which kernel backends are available here, and why not")
-    report.set_defaults(run=_backends)
-    demo = commands.add_parser("encrypt-demo", help="encrypt/decrypt synthetic scans and write a side-by-side PNG")
-    demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    demo.add_argument("--patch-size", type=int, default=16, help="block size (default: 16)")
-    demo.add_argument("--size", type=int, default=224,
-                      help="image side, a multiple of the patch size, at most 8192 (default: 224)")
-    demo.add_argument("--key", default=None, help="key file to use (default: a fresh key)")
-    demo.set_defaults(run=_encrypt_demo, out_kind="folder")
-    _add_client_parsers(commands)
-    _add_pretrain_parsers(commands)
-    _add_downstream_parsers(commands)
-    _add_demo_parser(commands)
-    _add_audit_parser(commands)
-    for command in commands.choices.values():  # --debug also after the command; SUPPRESS keeps a global --debug
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                             help="show the full traceback of an error")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for command in command_table() if commands is None else commands:
+        subparser = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        add_dataclass_arguments(subparser, command.config)
+        # --debug also after the command; SUPPRESS keeps a global --debug
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                               help="show the full traceback of an error")
     return parser
-
-
-def _add_demo_parser(commands) -> None:
-    from ..evaluation.demo import add_demo_arguments, run_demo_command
-
-    demo = commands.add_parser("demo", help="the whole pipeline and both baselines on simulated clients, with a "
-                                            "report (the main command)")
-    add_demo_arguments(demo)
-    demo.set_defaults(run=run_demo_command, out_kind="folder")
-
-
-def _add_audit_parser(commands) -> None:
-    from ..evaluation.audit.report import add_audit_arguments, run_audit_command
-
-    audit = commands.add_parser("audit", help="play the honest-but-curious server: attack encrypted data, report "
-                                              "what it recovers next to chance (markdown, PNG, JSON)")
-    add_audit_arguments(audit)
-    audit.set_defaults(run=run_audit_command, out_kind="folder")
-
-
-def _add_client_parsers(commands) -> None:
-    from ..client.encode import add_encode_arguments, add_keygen_arguments, run_encode, run_keygen
-
-    keygen = commands.add_parser("keygen", help="client: write a new consortium key (prints its fingerprint only)")
-    add_keygen_arguments(keygen)
-    keygen.set_defaults(run=run_keygen, out_kind="file")
-    encode = commands.add_parser("encode", help="client: encrypt a dataset once into the shard to upload")
-    add_encode_arguments(encode)
-    encode.set_defaults(run=run_encode, out_kind="file")
-
-
-def _add_pretrain_parsers(commands) -> None:
-    from ..server.config import add_arguments
-
-    pretrain = commands.add_parser("pretrain", help="server: masked sampling distillation on uploaded shards "
-                                                    "(run under torchrun for several processes)")
-    add_arguments(pretrain)
-    pretrain.set_defaults(run=_pretrain, out_kind="folder")
-    export = commands.add_parser("export", help="server: write the pretrained backbone as timm safetensors")
-    export.add_argument("--checkpoint", required=True, help="a pretraining checkpoint.pt")
-    export.add_argument("--out", required=True, help="the .safetensors file to write")
-    export.add_argument("--force", action="store_true", help="replace an existing file")
-    export.set_defaults(run=_export, out_kind="file")
-
-
-def _add_downstream_parsers(commands) -> None:
-    from .downstream import (add_fedavg_arguments, add_finetune_arguments, add_probe_arguments, run_fedavg,
-                                 run_finetune, run_probe)
-
-    for name, add, run, help_text in (
-            ("finetune", add_finetune_arguments, run_finetune,
-             "client: fine-tune the exported backbone (or the same ViT from random init) and evaluate it"),
-            ("probe", add_probe_arguments, run_probe,
-             "client: k-NN and linear probe on the frozen features of the backbone (or of random init)"),
-            ("fedavg", add_fedavg_arguments, run_fedavg,
-             "baseline: supervised FedAvg over simulated clients, with its communication")):
-        parser = commands.add_parser(name, help=help_text)
-        add(parser)
-        parser.set_defaults(run=run, out_kind="folder")
 
 
 def _one_line(error: BaseException) -> str:
@@ -177,21 +139,25 @@ def _as_flag(message: str, args: argparse.Namespace) -> str:
     """A message from a lower layer that starts with a setting's Python name (``batch_size must be ...``) names the
     command-line flag instead (``--batch-size must be ...``)."""
     match = re.match(r"([a-z][a-z0-9_]*)\b", message)
-    if match and match[1] in vars(args) and match[1] not in ("run", "command", "out_kind", "debug"):
+    if match and match[1] in vars(args) and match[1] not in ("command", "debug"):
         return "--" + match[1].replace("_", "-") + message[match.end():]
     return message
 
 
 def main(argv: list | None = None) -> int:
-    """Parse ``argv``, check the command's outputs, run it; returns the exit status: 0, 2 on a user error (one line),
+    """Parse ``argv``, build the command's config (every setting checked), check its ``--device`` and ``--out``, run
+    it; returns the exit status: 0, 2 on a user error (one line),
     1 on an internal error (the traceback, then a line saying it is a bug), 130 on Ctrl-C, 143 on SIGTERM -- in
     every case the files being written are removed, none is left half-written."""
-    args = build_parser().parse_args(argv)
+    commands = {command.name: command for command in command_table()}
+    args = build_parser(commands.values()).parse_args(argv)
+    command = commands[args.command]
     try:
         with terminate_as_exit(), one_line_warnings(args.command):
-            check_command(args)
-            check_outputs(args)
-            return args.run(args)
+            config = dataclass_from_args(command.config, args)  # its __post_init__ checks every setting
+            check_command(config)
+            check_outputs(config, command.out_kind)
+            return command.run(config)
     except Terminated as signal_exit:
         print(f"msd-fast {args.command}: terminated", file=sys.stderr)
         return signal_exit.code

@@ -8,25 +8,23 @@
 
 The held-out split is ``--test-fraction`` of ``--data`` (stratified) or a separate ``--test-data``;
 ``--label-fraction`` keeps a stratified fraction of the training labels. ``--out DIR`` writes the results as JSON
-(``finetune.json``, ``probe.json``, ``fedavg.json``; atomically). Each ``add_*_arguments`` fills a subparser, each
-``run_*`` runs it from the parsed arguments (``msd_fast.cli.commands`` registers them); user errors are ``ValueError``s
-naming the flag.
+(``finetune.json``, ``probe.json``, ``fedavg.json``; atomically). Each command is a config dataclass composed of the
+shared parts (:class:`LabelledData`, :class:`PretrainedModel`, :class:`Architecture`, the
+:class:`~msd_fast.client.finetune.Recipe`, the :class:`~msd_fast.evaluation.fedavg.FedAvgSettings`) and a ``run_*``
+function of it (``msd_fast.cli.commands`` registers them); user errors are ``ValueError``s naming the flag.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
 import time
-from typing import Optional
+from typing import Optional, Union
 
-import torch
 
 from ..atomic import write_text
-from ..checks import resolve_device
-from ..client.encode import _image_size
+from ..checks import is_positive_int, require, resolve_device
 from ..data import (DataError, ImageSet, check_patch_size, label_fraction_subset, load_dataset, split_clients,
                     train_test_split)
 from ..data.convert import check_image_size
@@ -38,142 +36,163 @@ from ..evaluation.tasks import LabelledSplit, build_classifier, fedavg_baseline,
 from ..evaluation.fedavg import FedAvgSettings
 from ..evaluation.probe import default_k
 from ..client.finetune import Recipe
+from .flags import Part, build_part, check_required, compose, flag, image_size
 
 DEFAULT_ARCH = "vit_tiny_patch16_224"
 DEFAULT_PATCH_SIZE = 16
 DEFAULT_TEST_FRACTION = 0.2
 ARCH_FLAGS = ("depth", "embed_dim", "num_heads", "patch_size")
+SPLITS = ("train", "val", "test")
+INITS = ("pretrained", "random")
 
 
-# ---- arguments -----------------------------------------------------------------------------------------------------
+# ---- settings ------------------------------------------------------------------------------------------------------
 
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True,
-                        help="labelled data: 'synthetic', 'synthetic:N', an image folder with class sub-folders, "
-                             "a MedMNIST .npz or a .npy (with labels)")
-    parser.add_argument("--split", default="train", choices=("train", "val", "test"),
-                        help="split of --data to train on (.npz / split folders / synthetic draw; default train)")
-    held_out = parser.add_mutually_exclusive_group()
-    held_out.add_argument("--test-fraction", type=float, default=None,
-                          help=f"hold out this stratified fraction of --data for evaluation (default "
-                               f"{DEFAULT_TEST_FRACTION})")
-    held_out.add_argument("--test-data", default=None, help="evaluate on this dataset instead (same formats)")
-    parser.add_argument("--test-split", default="test", choices=("train", "val", "test"),
-                        help="split of --test-data (default test: the .npz test split, the test/ folder, an "
-                             "independent synthetic draw; a plain class folder needs --test-split train)")
-    parser.add_argument("--label-fraction", type=float, default=1.0,
-                        help="train on a stratified fraction of the training labels (default 1: all)")
-    parser.add_argument("--image-size", type=_image_size, default=None,
-                        help="resize to S or HxW (default: the exported model's size with --model, else as stored; "
-                             "synthetic data: the generated size, default 32)")
-    parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                        help="convert to gray (1) or RGB (3) (default: the exported model's with --model)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the splits, the initialisation and training")
+@dataclasses.dataclass
+class LabelledData:
+    """The labelled images, the held-out split and the label budget."""
 
+    data: Optional[str] = flag(None, "labelled data: 'synthetic', 'synthetic:N', an image folder with class "
+                                     "sub-folders, a MedMNIST .npz or a .npy (with labels)", required=True)
+    split: str = flag("train", "split of --data to train on (.npz / split folders / synthetic draw)", choices=SPLITS)
+    test_fraction: Optional[float] = flag(None, "hold out this stratified fraction of --data for evaluation",
+                                          exclusive="held-out", default_text=f"{DEFAULT_TEST_FRACTION}")
+    test_data: Optional[str] = flag(None, "evaluate on this dataset instead (same formats)", exclusive="held-out",
+                                    default_text="none: a fraction of --data")
+    test_split: str = flag("test", "split of --test-data (test: the .npz test split, the test/ folder, an independent "
+                                   "synthetic draw; a plain class folder needs --test-split train)", choices=SPLITS)
+    label_fraction: float = flag(1.0, "train on a stratified fraction of the training labels (1: all)")
+    image_size: Optional[Union[int, tuple]] = flag(
+        None, "resize to S or HxW", parse=image_size,
+        default_text="the exported model's size with --model, else as stored; synthetic data: 32")
+    channels: Optional[int] = flag(None, "convert to gray (1) or RGB (3)", choices=(1, 3),
+                                   default_text="the exported model's with --model, else as stored")
+    seed: int = flag(0, "seed of the splits, the initialisation and training")
 
-def _add_model_arguments(parser: argparse.ArgumentParser, *, pretrained: bool) -> None:
-    if pretrained:
-        parser.add_argument("--model", default=None,
-                            help="the exported backbone (.safetensors from msd-fast export); with --init random only "
-                                 "its architecture is used")
-        parser.add_argument("--key", default=None, help="the consortium key the backbone was pretrained with")
-        parser.add_argument("--init", choices=("pretrained", "random"), default=None,
-                            help="pretrained (default with --model) or random: the same network from random init "
-                                 "(the fine-tuning-only baseline)")
-    else:
-        parser.add_argument("--model", default=None,
-                            help="take the architecture of this exported backbone (its weights are not used)")
-    parser.add_argument("--arch", default=None, help=f"timm ViT name without --model (default {DEFAULT_ARCH})")
-    parser.add_argument("--depth", type=int, default=None, help="override the ViT's depth (without --model)")
-    parser.add_argument("--embed-dim", type=int, default=None, help="override the ViT's width (without --model)")
-    parser.add_argument("--num-heads", type=int, default=None, help="override the attention heads (without --model)")
-    parser.add_argument("--patch-size", type=int, default=None,
-                        help=f"ViT patch size without --model (default {DEFAULT_PATCH_SIZE})")
+    def __post_init__(self):
+        check_required(self)
+        if self.test_fraction is not None and self.test_data is not None:
+            raise ValueError("--test-fraction: not allowed with --test-data (one held-out set)")
+        if self.test_fraction is not None:
+            _fraction(self.test_fraction, "--test-fraction", closed=False)
+        _fraction(self.label_fraction, "--label-fraction", closed=True)
+        check_image_size(self.image_size, "--image-size")
 
 
-def _add_training_arguments(parser: argparse.ArgumentParser, *, steps: bool) -> None:
-    defaults = Recipe()
-    if steps:
-        parser.add_argument("--steps", type=int, default=defaults.steps,
-                            help=f"fine-tuning steps, whatever the number of labels (default {defaults.steps})")
-        parser.add_argument("--layer-decay", type=float, default=defaults.layer_decay,
-                            help=f"layer-wise lr decay of a pretrained body (1: off; default {defaults.layer_decay})")
-    parser.add_argument("--lr", type=float, default=defaults.lr,
-                        help=f"peak learning rate (not scaled with the batch; default {defaults.lr})")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                        help=f"batch size (default {defaults.batch_size})")
-    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
-                        help=f"labelled images held out to select the step (default {defaults.val_fraction}; 0: "
-                             f"keep the last step)")
-    parser.add_argument("--flips", action=argparse.BooleanOptionalAction, default=defaults.flips,
-                        help="random horizontal/vertical flips (off by default: laterality and orientation can carry "
-                             "the label)")
-    parser.add_argument("--refit-head", action=argparse.BooleanOptionalAction, default=defaults.refit_head,
-                        help="after selecting the step, refit the linear head on every labelled image, the held-out "
-                             "ones included (default on)")
+@dataclasses.dataclass
+class PretrainedModel:
+    """The exported backbone and its key (or the same network from random init)."""
+
+    model: Optional[str] = flag(None, "the exported backbone (.safetensors from msd-fast export); with --init random "
+                                      "only its architecture is used", default_text="none: random init")
+    key: Optional[str] = flag(None, "the consortium key the backbone was pretrained with",
+                              default_text="none (needed with --model)")
+    init: Optional[str] = flag(None, "pretrained, or random: the same network from random init (the "
+                                     "fine-tuning-only baseline)", choices=INITS,
+                               default_text="pretrained with --model, else random")
 
 
-def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto (a GPU when available), cpu, cuda or cuda:N")
-    parser.add_argument("--out", default=None, help="folder to write the results JSON into")
+@dataclasses.dataclass
+class Architecture:
+    """The random-init ViT when no --model gives it."""
+
+    arch: Optional[str] = flag(None, "timm ViT name without --model", default_text=DEFAULT_ARCH)
+    depth: Optional[int] = flag(None, "override the ViT's depth (without --model)", default_text="--arch's")
+    embed_dim: Optional[int] = flag(None, "override the ViT's width (without --model)", default_text="--arch's")
+    num_heads: Optional[int] = flag(None, "override the attention heads (without --model)", default_text="--arch's")
+    patch_size: Optional[int] = flag(None, "ViT patch size without --model", default_text=f"{DEFAULT_PATCH_SIZE}")
+
+    def __post_init__(self):
+        for name in ARCH_FLAGS:
+            require(self, name, lambda v: v is None or is_positive_int(v), "a positive integer")
 
 
-def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_model_arguments(parser, pretrained=True)
-    _add_data_arguments(parser)
-    parser.add_argument("--domain", choices=DOMAINS, default=None,
-                        help="plain (default): the decrypted model on plain images; encrypted: the model as "
-                             "pretrained, on images the classifier encrypts with the key (image mode)")
-    _add_training_arguments(parser, steps=True)
-    _add_common_arguments(parser)
+DATA = Part(LabelledData, "data")
+MODEL = Part(PretrainedModel, "model")
+ARCHITECTURE = Part(Architecture, "architecture (random init without --model)")
 
 
-def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_model_arguments(parser, pretrained=True)
-    _add_data_arguments(parser)
-    parser.add_argument("--k", type=int, default=None,
-                        help="neighbours of the k-NN classifier (default: sqrt of the labelled images, at most 20); "
-                             "a k above the number of labelled images is clamped to it, and the k used is printed "
-                             "and written")
-    _add_common_arguments(parser)
+@dataclasses.dataclass
+@compose(MODEL, ARCHITECTURE, DATA, Part(Recipe, "fine-tuning recipe", exclude=("seed",)))
+class FinetuneConfig:
+    domain: Optional[str] = flag(None, "plain: the decrypted model on plain images; encrypted: the model as "
+                                       "pretrained, on images the classifier encrypts with the key (image mode)",
+                                 choices=DOMAINS, default_text="plain")
+    device: str = flag("auto", "auto (a GPU when available), cpu, cuda or cuda:N")
+    out: Optional[str] = flag(None, "folder to write finetune.json into", default_text="none: print only")
+
+    def __post_init__(self):
+        _check_parts(self)
+        build_part(self, Recipe, seed=self.seed)
 
 
-def add_fedavg_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = FedAvgSettings()
-    _add_model_arguments(parser, pretrained=False)
-    _add_data_arguments(parser)
-    parser.add_argument("--clients", type=int, required=True, help="number of simulated clients")
-    parser.add_argument("--alpha", type=float, default=None,
-                        help="non-IID: Dirichlet concentration over classes (default IID)")
-    parser.add_argument("--rounds", type=int, default=defaults.rounds,
-                        help=f"communication rounds (default {defaults.rounds})")
-    parser.add_argument("--local-steps", type=int, default=defaults.local_steps,
-                        help=f"local optimisation steps per round (default {defaults.local_steps})")
-    parser.add_argument("--client-fraction", type=float, default=defaults.client_fraction,
-                        help=f"fraction of clients sampled per round (default {defaults.client_fraction})")
-    _add_training_arguments(parser, steps=False)
-    _add_common_arguments(parser)
+@dataclasses.dataclass
+@compose(MODEL, ARCHITECTURE, DATA)
+class ProbeConfig:
+    k: Optional[int] = flag(None, "neighbours of the k-NN classifier; a k above the number of labelled images is "
+                                  "clamped to it, and the k used is printed and written",
+                            default_text="sqrt of the labelled images, at most 20")
+    device: str = flag("auto", "auto (a GPU when available), cpu, cuda or cuda:N")
+    out: Optional[str] = flag(None, "folder to write probe.json into", default_text="none: print only")
+
+    def __post_init__(self):
+        _check_parts(self)
+        require(self, "k", lambda v: v is None or is_positive_int(v), ">= 1")
+
+
+@dataclasses.dataclass
+@compose(ARCHITECTURE, DATA, Part(FedAvgSettings, "FedAvg", exclude=("seed",)),
+         Part(Recipe, "local training recipe", exclude=("seed", "steps", "layer_decay")))
+class FedAvgConfig:
+    clients: Optional[int] = flag(None, "number of simulated clients", required=True)
+    alpha: Optional[float] = flag(None, "non-IID: Dirichlet concentration over classes", default_text="IID")
+    model: Optional[str] = flag(None, "take the architecture of this exported backbone (its weights are not used)",
+                                default_text="none: --arch")
+    device: str = flag("auto", "auto (a GPU when available), cpu, cuda or cuda:N")
+    out: Optional[str] = flag(None, "folder to write fedavg.json into", default_text="none: print only")
+
+    def __post_init__(self):
+        require(self, "clients", is_positive_int, "a positive integer")
+        require(self, "alpha", lambda v: v is None or v > 0, "> 0")
+        _check_parts(self)
+        self.settings()
+        self.recipe()
+
+    def settings(self) -> FedAvgSettings:
+        return build_part(self, FedAvgSettings, seed=self.seed)
+
+    def recipe(self) -> Recipe:
+        """The clients' local recipe over the whole run (its schedule spans rounds x local steps)."""
+        return build_part(self, Recipe, seed=self.seed, steps=self.rounds * self.local_steps)
+
+
+def _check_parts(config) -> None:
+    """The shared parts' own checks, then that the model flags fit together."""
+    check_required(config)
+    build_part(config, LabelledData)
+    build_part(config, Architecture)
+    _init(config)
 
 
 # ---- building blocks -----------------------------------------------------------------------------------------------
 
-def _init(args: argparse.Namespace) -> str:
+def _init(config) -> str:
     """``pretrained`` or ``random`` after checking that the model flags fit together (``fedavg`` has no ``--init``:
     its ``--model`` only names the architecture)."""
-    if hasattr(args, "init"):
-        init = args.init or ("pretrained" if args.model is not None else "random")
+    if hasattr(config, "init"):
+        init = config.init or ("pretrained" if config.model is not None else "random")
     else:
         init = "random"
-    given = [name for name in ("arch", *ARCH_FLAGS) if getattr(args, name) is not None]
-    if args.model is not None and given:
+    given = [name for name in ("arch", *ARCH_FLAGS) if getattr(config, name) is not None]
+    if config.model is not None and given:
         flag = "--" + given[0].replace("_", "-")
-        raise ValueError(f"{flag}: the architecture comes from --model {args.model}; drop {flag}")
+        raise ValueError(f"{flag}: the architecture comes from --model {config.model}; drop {flag}")
     if init == "pretrained":
-        if args.model is None:
+        if config.model is None:
             raise ValueError("--model: --init pretrained needs an exported backbone (or use --init random --arch ...)")
-        if args.key is None:
+        if config.key is None:
             raise ValueError("--key: a pretrained backbone needs the consortium key it was pretrained with")
-    if getattr(args, "domain", None) == "encrypted" and init != "pretrained":
+    if getattr(config, "domain", None) == "encrypted" and init != "pretrained":
         raise ValueError("--domain encrypted: only a pretrained backbone has an encrypted domain")
     return init
 
@@ -184,37 +203,37 @@ def _fraction(value: float, flag: str, *, closed: bool) -> float:
     return value
 
 
-def load_labelled_data(args: argparse.Namespace, metadata: Optional[dict]) -> tuple[ImageSet, ImageSet, dict]:
+def load_labelled_data(config, metadata: Optional[dict]) -> tuple[ImageSet, ImageSet, dict]:
     """``(train set, test set, info)``: ``--data`` split by ``--test-fraction`` (stratified, ``--seed``) or ``--data``
     and ``--test-data``, resized/converted to the exported model's geometry by default (``metadata``, or None).
     ``--label-fraction`` is not applied here. ``info`` describes the data for the report and the JSON."""
-    size, channels = check_image_size(args.image_size, "--image-size"), args.channels
+    size, channels = check_image_size(config.image_size, "--image-size"), config.channels
     if metadata is not None:
         size = size if size is not None else tuple(metadata["image_size"])
         channels = channels if channels is not None else metadata["channels"]
-    data = load_dataset(args.data, size=size, channels=channels, split=args.split)
+    data = load_dataset(config.data, size=size, channels=channels, split=config.split)
     if data.labels is None:
-        raise DataError(f"--data {args.data}: has no labels (supervised evaluation needs class sub-folders, a "
+        raise DataError(f"--data {config.data}: has no labels (supervised evaluation needs class sub-folders, a "
                         "labelled .npz or --data images.npy with labels)")
-    if args.test_data is not None:
-        test = load_dataset(args.test_data, size=data.geometry[1:], channels=data.channels, split=args.test_split)
+    if config.test_data is not None:
+        test = load_dataset(config.test_data, size=data.geometry[1:], channels=data.channels, split=config.test_split)
         if test.labels is None:
-            raise DataError(f"--test-data {args.test_data}: has no labels")
+            raise DataError(f"--test-data {config.test_data}: has no labels")
         if data.class_names is not None and test.class_names is not None and data.class_names != test.class_names:
-            raise DataError(f"--test-data {args.test_data}: its classes {test.class_names} are not those of --data "
+            raise DataError(f"--test-data {config.test_data}: its classes {test.class_names} are not those of --data "
                             f"{data.class_names}; labels would not correspond")
         train = data
-        held_out = f"{args.test_data} [{args.test_split}]"
+        held_out = f"{config.test_data} [{config.test_split}]"
     else:
-        fraction = _fraction(DEFAULT_TEST_FRACTION if args.test_fraction is None else args.test_fraction,
+        fraction = _fraction(DEFAULT_TEST_FRACTION if config.test_fraction is None else config.test_fraction,
                              "--test-fraction", closed=False)
-        train_rows, test_rows = train_test_split(data.labels, fraction, seed=args.seed)
+        train_rows, test_rows = train_test_split(data.labels, fraction, seed=config.seed)
         train, test = data.subset(train_rows), data.subset(test_rows)
         held_out = f"{fraction:g} of --data"
     if metadata is not None:
         expected = (metadata["channels"], *metadata["image_size"])
         if train.geometry != expected:
-            raise DataError(f"--data: images are {'x'.join(map(str, train.geometry))} but --model {args.model} takes "
+            raise DataError(f"--data: images are {'x'.join(map(str, train.geometry))} but --model {config.model} takes "
                             f"{'x'.join(map(str, expected))}; drop --image-size/--channels or pass the model's")
     n_classes = max(data.n_classes, test.n_classes)
     info = {"data": data.description, "held_out": held_out, "n_train": len(train), "n_test": len(test),
@@ -228,15 +247,15 @@ def labelled_fraction(images: ImageSet, fraction: float, seed: int) -> ImageSet:
     return images if fraction == 1 else images.subset(label_fraction_subset(images.labels, fraction, seed=seed))
 
 
-def _architecture(args: argparse.Namespace, metadata: Optional[dict], geometry: tuple[int, int, int]) -> dict:
+def _architecture(config, metadata: Optional[dict], geometry: tuple[int, int, int]) -> dict:
     """The random-init network: the exported model's, or ``--arch`` and the overrides for this geometry."""
     if metadata is not None:
         return exported_architecture(metadata)
-    patch_size = DEFAULT_PATCH_SIZE if args.patch_size is None else args.patch_size
+    patch_size = DEFAULT_PATCH_SIZE if config.patch_size is None else config.patch_size
     check_patch_size(geometry, patch_size)
-    overrides = {name: getattr(args, name) for name in ("depth", "embed_dim", "num_heads")
-                 if getattr(args, name) is not None}
-    return dict(arch=args.arch or DEFAULT_ARCH, image_size=tuple(geometry[1:]), patch_size=patch_size,
+    overrides = {name: getattr(config, name) for name in ("depth", "embed_dim", "num_heads")
+                 if getattr(config, name) is not None}
+    return dict(arch=config.arch or DEFAULT_ARCH, image_size=tuple(geometry[1:]), patch_size=patch_size,
                 in_chans=geometry[0], **overrides)
 
 
@@ -244,31 +263,30 @@ def _split(train: ImageSet, test: ImageSet, n_classes: int) -> LabelledSplit:
     return LabelledSplit(train.to_tensor(), train.labels, test.to_tensor(), test.labels, n_classes)
 
 
-def _prepare(args: argparse.Namespace):
+def _prepare(config: Union[FinetuneConfig, ProbeConfig]):
     """Everything ``finetune`` and ``probe`` share: the key (read first, so a wrong path fails at once), the data,
     the classifier and a description of the model."""
-    init = _init(args)
-    metadata = read_export_metadata(args.model) if args.model is not None else None
-    domain = getattr(args, "domain", None)
+    init = _init(config)
+    metadata = read_export_metadata(config.model) if config.model is not None else None
+    domain = getattr(config, "domain", None)
     if domain is not None and init == "pretrained" and metadata["mode"] == "token":
-        raise ValueError(f"--domain: {args.model} is a token-mode backbone; its classifier always embeds the images "
+        raise ValueError(f"--domain: {config.model} is a token-mode backbone; its classifier always embeds the images "
                          "with the key-derived token embedder (drop --domain)")
     domain = domain or "plain"
-    key = Key.load(args.key) if init == "pretrained" else None
-    _fraction(args.label_fraction, "--label-fraction", closed=True)
-    train, test, info = load_labelled_data(args, metadata)
-    train = labelled_fraction(train, args.label_fraction, args.seed)
-    info.update(n_train=len(train), label_fraction=args.label_fraction)
+    key = Key.load(config.key) if init == "pretrained" else None
+    train, test, info = load_labelled_data(config, metadata)
+    train = labelled_fraction(train, config.label_fraction, config.seed)
+    info.update(n_train=len(train), label_fraction=config.label_fraction)
     split = _split(train, test, info["n_classes"])
-    random_arch = None if init == "pretrained" else _architecture(args, metadata, train.geometry)
-    classifier = build_classifier(split, model=args.model if init == "pretrained" else None, key=key, domain=domain,
-                                  random_arch=random_arch, seed=args.seed)
+    random_arch = None if init == "pretrained" else _architecture(config, metadata, train.geometry)
+    classifier = build_classifier(split, model=config.model if init == "pretrained" else None, key=key, domain=domain,
+                                  random_arch=random_arch, seed=config.seed)
     if init == "pretrained":
-        model = {"init": "pretrained", "path": args.model, "arch": metadata["arch"], "mode": metadata["mode"],
+        model = {"init": "pretrained", "path": config.model, "arch": metadata["arch"], "mode": metadata["mode"],
                  "domain": None if metadata["mode"] == "token" else domain,
                  "key_fingerprint": key.fingerprint, "pretrain_epochs": metadata["epochs"]}
     else:
-        model = {"init": "random", "architecture_from": args.model, **random_arch,
+        model = {"init": "random", "architecture_from": config.model, **random_arch,
                  "image_size": list(random_arch["image_size"])}
     return classifier, split, info, model
 
@@ -307,24 +325,18 @@ def write_results(out_dir: str, name: str, results: dict) -> str:
     return path
 
 
-def _finish(args: argparse.Namespace, name: str, results: dict) -> None:
-    if args.out is not None:
-        print(f"wrote {write_results(args.out, name, results)}")
+def _finish(config: Union[FinetuneConfig, ProbeConfig, FedAvgConfig], name: str, results: dict) -> None:
+    if config.out is not None:
+        print(f"wrote {write_results(config.out, name, results)}")
 
 
 # ---- commands ------------------------------------------------------------------------------------------------------
 
-def _recipe(args: argparse.Namespace, **changes) -> Recipe:
-    """The shared recipe from the flags (its checks name the setting; the CLI's handler reports it as the flag)."""
-    return Recipe(lr=args.lr, batch_size=args.batch_size, val_fraction=args.val_fraction, flips=args.flips,
-                  refit_head=args.refit_head, seed=args.seed, **changes)
-
-
-def run_finetune(args: argparse.Namespace) -> int:
+def run_finetune(config: FinetuneConfig) -> int:
     started = time.perf_counter()
-    device = resolve_device(args.device)
-    recipe = _recipe(args, steps=args.steps, layer_decay=args.layer_decay)
-    classifier, split, info, model = _prepare(args)
+    device = resolve_device(config.device)
+    recipe = build_part(config, Recipe, seed=config.seed)
+    classifier, split, info, model = _prepare(config)
     metrics = finetune_and_evaluate(classifier, split, recipe, device=device, pretrained=model.get("init") != "random")
     print(f"fine-tuned {_describe_model(model)} for {recipe.steps} steps (selected step {metrics['selected_step']} on "
           f"{metrics['n_val']} held-out labelled images) on {info['n_train']} labelled images of "
@@ -332,21 +344,19 @@ def run_finetune(args: argparse.Namespace) -> int:
           f"{info['held_out']}: {info['n_test']} images")
     _print_metrics(metrics)
     _print_confusion(metrics["confusion_matrix"], info["class_names"])
-    _finish(args, "finetune.json", {"command": "finetune", "model": model, "data": info,
+    _finish(config, "finetune.json", {"command": "finetune", "model": model, "data": info,
                                     "recipe": dataclasses.asdict(recipe), "device": str(device), "metrics": metrics,
                                     "seconds": time.perf_counter() - started})
     return 0
 
 
-def run_probe(args: argparse.Namespace) -> int:
+def run_probe(config: ProbeConfig) -> int:
     started = time.perf_counter()
-    if args.k is not None and args.k < 1:
-        raise ValueError(f"--k must be >= 1, got {args.k}")
-    device = resolve_device(args.device)
-    classifier, split, info, model = _prepare(args)
-    k = min(args.k or default_k(len(split.train_labels)), len(split.train_labels))
-    if args.k is not None and args.k > k:
-        print(f"--k {args.k} is more than the {k} labelled training images: using k = {k}")
+    device = resolve_device(config.device)
+    classifier, split, info, model = _prepare(config)
+    k = min(config.k or default_k(len(split.train_labels)), len(split.train_labels))
+    if config.k is not None and config.k > k:
+        print(f"--k {config.k} is more than the {k} labelled training images: using k = {k}")
     metrics = probe(classifier, split, device=device, k=k)
     print(f"frozen features of {_describe_model(model)}: {info['n_train']} training images of {info['data']} "
           f"({info['n_classes']} classes, label fraction {info['label_fraction']:g}); held-out {info['held_out']}: "
@@ -355,32 +365,26 @@ def run_probe(args: argparse.Namespace) -> int:
         print(f"  {title}:")
         _print_metrics(metrics[name], indent="    ")
         _print_confusion(metrics[name]["confusion_matrix"], info["class_names"], indent="    ")
-    _finish(args, "probe.json", {"command": "probe", "model": model, "data": info, "k": k,
+    _finish(config, "probe.json", {"command": "probe", "model": model, "data": info, "k": k,
                                  "device": str(device), "metrics": metrics,
                                  "seconds": time.perf_counter() - started})
     return 0
 
 
-def run_fedavg(args: argparse.Namespace) -> int:
-    if isinstance(args.clients, bool) or args.clients < 1:
-        raise ValueError(f"--clients must be a positive integer, got {args.clients}")
+def run_fedavg(config: FedAvgConfig) -> int:
     started = time.perf_counter()
-    device = resolve_device(args.device)
-    _init(args)
-    settings = FedAvgSettings(rounds=args.rounds, local_steps=args.local_steps,
-                              client_fraction=args.client_fraction, seed=args.seed)
-    recipe = _recipe(args, steps=args.rounds * args.local_steps)
-    metadata = read_export_metadata(args.model) if args.model is not None else None
-    _fraction(args.label_fraction, "--label-fraction", closed=True)
-    train, test, info = load_labelled_data(args, metadata)
-    random_arch = _architecture(args, metadata, train.geometry)
+    device = resolve_device(config.device)
+    settings, recipe = config.settings(), config.recipe()
+    metadata = read_export_metadata(config.model) if config.model is not None else None
+    train, test, info = load_labelled_data(config, metadata)
+    random_arch = _architecture(config, metadata, train.geometry)
     test_images = test.to_tensor()
     splits = []
-    for c, rows in enumerate(split_clients(train.labels, args.clients, alpha=args.alpha, seed=args.seed)):
-        client = labelled_fraction(train.subset(rows), args.label_fraction, args.seed + c)
+    for c, rows in enumerate(split_clients(train.labels, config.clients, alpha=config.alpha, seed=config.seed)):
+        client = labelled_fraction(train.subset(rows), config.label_fraction, config.seed + c)
         splits.append(LabelledSplit(client.to_tensor(), client.labels, test_images, test.labels, info["n_classes"]))
-    info.update(n_train=sum(len(s.train_labels) for s in splits), label_fraction=args.label_fraction,
-                clients=[len(s.train_labels) for s in splits], alpha=args.alpha)
+    info.update(n_train=sum(len(s.train_labels) for s in splits), label_fraction=config.label_fraction,
+                clients=[len(s.train_labels) for s in splits], alpha=config.alpha)
 
     from tqdm.auto import tqdm
 
@@ -389,11 +393,11 @@ def run_fedavg(args: argparse.Namespace) -> int:
         metrics, traffic = fedavg_baseline(splits, random_arch, recipe, settings, device=device,
                                            on_round=lambda _: bar.update(1))
     model_bytes = state_dict_bytes(build_classifier(splits[0], model=None, key=None, random_arch=random_arch,
-                                                    seed=args.seed))
-    model = {"init": "random", "architecture_from": args.model, **random_arch,
+                                                    seed=config.seed))
+    model = {"init": "random", "architecture_from": config.model, **random_arch,
              "image_size": list(random_arch["image_size"])}
-    print(f"FedAvg: {_describe_model(model)}, {args.clients} clients "
-          f"({'IID' if args.alpha is None else f'Dirichlet alpha {args.alpha:g}'}; labelled images per client "
+    print(f"FedAvg: {_describe_model(model)}, {config.clients} clients "
+          f"({'IID' if config.alpha is None else f'Dirichlet alpha {config.alpha:g}'}; labelled images per client "
           f"{info['clients']}), {settings.rounds} rounds x {settings.local_steps} local steps, client fraction "
           f"{settings.client_fraction:g}; held-out {info['held_out']}: {info['n_test']} images")
     _print_metrics(metrics)
@@ -401,7 +405,7 @@ def run_fedavg(args: argparse.Namespace) -> int:
     print(f"  communication per client: upload {human_bytes(traffic.upload_bytes)} ({traffic.upload_bytes:,} bytes), "
           f"download {human_bytes(traffic.download_bytes)} ({traffic.download_bytes:,} bytes) over {traffic.rounds} "
           f"rounds; model {human_bytes(model_bytes)} ({model_bytes:,} bytes) per transfer")
-    _finish(args, "fedavg.json", {"command": "fedavg", "model": model, "data": info,
+    _finish(config, "fedavg.json", {"command": "fedavg", "model": model, "data": info,
                                   "settings": dataclasses.asdict(settings), "recipe": dataclasses.asdict(recipe),
                                   "device": str(device), "metrics": metrics,
                                   "communication": {**dataclasses.asdict(traffic), "model_bytes": model_bytes},

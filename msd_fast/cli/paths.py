@@ -2,7 +2,6 @@
 a folder, or in a place it cannot write."""
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Optional
 
@@ -43,10 +42,9 @@ def check_out_file(out: str, *, force: bool, flag: str = "--out") -> None:
         refuse_existing(out)
 
 
-def check_outputs(args: argparse.Namespace) -> None:
-    """The checks a command declared with ``set_defaults(out_kind="folder" | "file")`` on its ``--out``."""
-    kind = getattr(args, "out_kind", None)
-    if kind == "folder":
-        check_out_folder(args.out)
-    elif kind == "file":
-        check_out_file(args.out, force=getattr(args, "force", False))
+def check_outputs(config, out_kind: Optional[str]) -> None:
+    """The checks of a command's ``config.out`` for its ``out_kind`` (``"folder"``, ``"file"`` or None)."""
+    if out_kind == "folder":
+        check_out_folder(config.out)
+    elif out_kind == "file":
+        check_out_file(config.out, force=getattr(config, "force", False))

@@ -18,7 +18,6 @@ the key an id says nothing) so the client can decrypt its own shard with :func:`
 """
 from __future__ import annotations
 
-import argparse
 import os
 import secrets
 import sys
@@ -27,9 +26,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..data import DataError, ImageSet, check_patch_size, load_dataset, split_clients
-from ..data.convert import check_image_size
-from ..protocol.encryption import CIPHER_DTYPES, SCHEMES, EncryptionSpec
+from ..data import DataError, ImageSet, check_patch_size, split_clients
+from ..protocol.encryption import EncryptionSpec
 from ..keys import Key, require_key
 from ..ops.token_permutation import permute_tokens, unpermute_tokens
 from ..protocol.shards import Shard, ShardMetadata, open_shard, shard_metadata, write_shard
@@ -189,125 +187,8 @@ def decrypt_shard(shard, key: Key, indices=None) -> torch.Tensor:
     return EncryptionSpec.from_metadata(meta.encryption).decrypt(items, key, meta.patch_size, sample_ids=ids)
 
 
-# ---- command line --------------------------------------------------------------------------------------------------
-
-def add_keygen_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="key file to write (mode 0600)")
-    parser.add_argument("--secret-file", default=None,
-                        help="derive the key from this file's exact bytes (same file -> same key on every client); "
-                             "default: a fresh random key")
-    parser.add_argument("--force", action="store_true", help="replace an existing key file")
-
-
-def run_keygen(args: argparse.Namespace) -> int:
-    key = make_key(args.out, secret_file=args.secret_file, overwrite=args.force)
-    print(f"wrote consortium key {args.out} (fingerprint {key.fingerprint}); share it with the other clients only, "
-          "never with the server")
-    return 0
-
-
-def _image_size(text: str):
-    """``S`` or ``HxW`` -> int or (H, W)."""
-    height, sep, width = text.lower().partition("x")
-    try:
-        return (int(height), int(width)) if sep else int(height)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected S or HxW (e.g. 64 or 64x96), got {text!r}") from None
-
-
-def add_encode_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--key", required=True, help="the consortium key file")
-    parser.add_argument("--data", required=True,
-                        help="'synthetic', 'synthetic:N', an image folder, a MedMNIST .npz or a .npy file")
-    parser.add_argument("--out", required=True, help="the shard file to write")
-    parser.add_argument("--patch-size", type=int, default=16, help="the ViT's patch size (default 16)")
-    parser.add_argument("--image-size", type=_image_size, default=None,
-                        help="resize to S or HxW, at most 8192 per side (synthetic data: the generated size, "
-                             "default 32)")
-    parser.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert to gray (1) or RGB (3)")
-    parser.add_argument("--split", default="train", choices=("train", "val", "test"),
-                        help=".npz split / folder split / synthetic draw (default train)")
-    parser.add_argument("--mode", choices=MODES, default="image",
-                        help="image: encrypted pixels; token: key-embedded, per-image permuted tokens")
-    add_encryption_arguments(parser)
-    parser.add_argument("--embed-dim", type=int, default=DEFAULT_EMBED_DIM,
-                        help=f"token mode: token width D, must equal the ViT's (default {DEFAULT_EMBED_DIM})")
-    parser.add_argument("--token-dtype", choices=sorted(TOKEN_DTYPES), default="float16")
-    parser.add_argument("--sample-id-start", type=int, default=None,
-                        help="first per-image id (per-sample / token mode; default random)")
-    parser.add_argument("--client", default=None, help="client name stored in the shard (default: the file name)")
-    parser.add_argument("--clients", type=int, default=None,
-                        help="simulate a consortium: split the data among N clients and encode one of them")
-    parser.add_argument("--client-index", type=int, default=None, help="which simulated client (0..N-1)")
-    parser.add_argument("--alpha", type=float, default=None,
-                        help="non-IID simulation: Dirichlet concentration over classes (default IID)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the simulated client split")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cpu", help="where to encrypt (cpu, cuda, ...)")
-    parser.add_argument("--force", action="store_true", help="replace an existing shard")
-
-
-def add_encryption_arguments(parser: argparse.ArgumentParser) -> None:
-    """The image-mode encryption flags (one :class:`~msd_fast.protocol.encryption.EncryptionSpec`), shared by ``encode``
-    and ``demo``."""
-    parser.add_argument("--scheme", choices=SCHEMES, default="dense",
-                        help="dense: the key's orthogonal transform of every block (default); permute: block "
-                             "scrambling + pixel shuffling (+ negative-positive), broken by the audit, for comparison")
-    parser.add_argument("--per-sample", action=argparse.BooleanOptionalAction, default=True,
-                        help="a different block order for every image (default; --no-per-sample: one key-wide "
-                             "order, weaker: see SECURITY.md)")
-    parser.add_argument("--no-block-scramble", dest="block_scramble", action="store_false",
-                        help="keep every block in place (needs --no-per-sample; weak: see SECURITY.md)")
-    parser.add_argument("--no-pixel-shuffle", dest="pixel_shuffle", action="store_false",
-                        help="--scheme permute without pixel shuffling")
-    parser.add_argument("--negpos", action="store_true", help="--scheme permute: add negative-positive")
-    parser.add_argument("--cipher-dtype", choices=sorted(CIPHER_DTYPES), default="float16",
-                        help="--scheme dense: the ciphertext's storage type (default float16: 2 bytes per value)")
-
-
-def encryption_from_arguments(args: argparse.Namespace) -> Optional[EncryptionSpec]:
-    """The spec the encryption flags describe (None in token mode); warns when the audit breaks it."""
-    if getattr(args, "mode", "image") != "image":
-        changed = [flag for flag, on in (("--scheme permute", args.scheme != "dense"),
-                                         ("--no-block-scramble", not args.block_scramble), ("--negpos", args.negpos))
-                   if on]
-        if changed:
-            raise ValueError(f"{', '.join(changed)} only apply to --mode image")
-        return None
-    if args.scheme == "dense" and args.negpos:
-        raise ValueError("--negpos belongs to --scheme permute; the dense transform already mixes every value")
-    spec = EncryptionSpec(scheme=args.scheme, block_scramble=args.block_scramble, per_sample=args.per_sample,
-                          pixel_shuffle=args.scheme == "permute" and args.pixel_shuffle, negpos=args.negpos,
-                          cipher_dtype=args.cipher_dtype)
-    warn_if_weak(spec)
-    return spec
-
-
 def warn_if_weak(spec: EncryptionSpec) -> None:
     """One warning line naming what the privacy audit recovers from ``spec``, when it is weaker than the default."""
     weakness = spec.weakness()
     if weakness is not None:
         warnings.warn(f"weak encryption ({spec.describe()}): {weakness}; see SECURITY.md", stacklevel=2)
-
-
-def run_encode(args: argparse.Namespace) -> int:
-    simulate = args.clients is not None or args.client_index is not None or args.alpha is not None
-    if simulate and (args.clients is None or args.client_index is None):
-        raise ValueError("--clients N and --client-index i go together (and --alpha needs both)")
-    check_image_size(args.image_size, "--image-size")
-    key = Key.load(args.key)  # before reading any data: a wrong key path fails at once
-    images = load_dataset(args.data, size=args.image_size, channels=args.channels, split=args.split)
-    if simulate:
-        images = client_subset(images, args.clients, args.client_index, alpha=args.alpha, seed=args.seed)
-    client = args.client if args.client is not None else os.path.splitext(os.path.basename(args.out))[0]
-    meta = encode_dataset(images, key, args.out, patch_size=args.patch_size, mode=args.mode,
-                          encryption=encryption_from_arguments(args), embed_dim=args.embed_dim, token_dtype=args.token_dtype,
-                          sample_id_start=args.sample_id_start, client=client, batch_size=args.batch_size,
-                          overwrite=args.force, device=args.device)
-    shape = "x".join(map(str, meta.item_shape))
-    how = EncryptionSpec.from_metadata(meta.encryption).describe() if meta.mode == "image" else "token mode"
-    print(f"encoded {meta.count} images ({'x'.join(map(str, images.geometry))} uint8) of {images.description} with "
-          f"{how} (patch {meta.patch_size}) -> {args.out}")
-    print(f"  items {shape} {meta.dtype}, {os.path.getsize(args.out):,} bytes, sha256 {meta.checksum}, "
-          f"key fingerprint {meta.key_fingerprint}, client '{meta.client}'; no labels written")
-    return 0

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..cli.flags import flag
+from ..ops._checks import check_positive_int
 from ..server.schedules import cosine_schedule
 
 
@@ -35,27 +37,27 @@ class Recipe:
     logistic regression) on the selected body's frozen features of *every* labelled image, the validation images
     included: with a few labels per class, a fifth of them is too many to leave out of the final classifier."""
 
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 1e-3
-    min_lr: float = 1e-6
-    warmup_steps: Optional[int] = None
-    weight_decay: float = 0.05
-    layer_decay: float = 0.75
-    label_smoothing: float = 0.1
-    flips: bool = False
-    probe_init: bool = True
-    refit_head: bool = True
-    val_fraction: float = 0.2
-    min_val: int = 5
-    eval_every: int = 25
-    seed: int = 0
+    steps: int = flag(300, "optimisation steps, whatever the number of labels")
+    batch_size: int = flag(32, "images per step (at most the labelled images)")
+    lr: float = flag(1e-3, "peak learning rate (not scaled with the batch)")
+    min_lr: float = flag(1e-6, "final learning rate of the cosine decay")
+    warmup_steps: Optional[int] = flag(None, "linear learning-rate warm-up steps", default_text="a tenth of the steps")
+    weight_decay: float = flag(0.05, "AdamW weight decay")
+    layer_decay: float = flag(0.75, "layer-wise lr decay of a pretrained body (1: off; random init: always off)")
+    label_smoothing: float = flag(0.1, "label smoothing of the cross-entropy")
+    flips: bool = flag(False, "random horizontal/vertical flips (off by default: laterality and orientation can "
+                              "carry the label)")
+    probe_init: bool = flag(True, "start from a linear probe on the frozen features (LP-FT)")
+    refit_head: bool = flag(True, "after selecting the step, refit the linear head on every labelled image, the "
+                                  "held-out ones included")
+    val_fraction: float = flag(0.2, "labelled images held out to select the step (0: keep the last step)")
+    min_val: int = flag(5, "fewest held-out images for a selection (fewer: keep the last step)")
+    eval_every: int = flag(25, "steps between two evaluations on the held-out images")
+    seed: int = flag(0, "seed of the validation split, the batches and the flips")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_every", "min_val"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(getattr(self, name), name)
         if self.warmup_steps is None:
             self.warmup_steps = self.steps // 10
         if not (isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps <= self.steps):

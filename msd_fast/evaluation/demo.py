@@ -33,50 +33,57 @@ from .communication import Communication, file_bytes
 from .metrics import classification_metrics
 from .probe import knn_probabilities
 from ..protocol.encryption import CIPHER_DTYPES, SCHEMES, EncryptionSpec
-from ..cli.flags import flag
+from ..checks import is_positive_int, require
+from ..cli.flags import Part, build_part, compose, flag, quick_flag
 from ..keys import Key
 from ..server import PretrainConfig, export_backbone, pretrain
 from ..protocol.shards import open_shard
 
 
 
+# The server's settings the demo passes on (the rest of PretrainConfig is per run: shards, out, seed, device, ...),
+# at the demo's scale: a small ViT, few epochs and small batches for a few thousand images.
+PRETRAINING = Part(
+    PretrainConfig, "pretraining (the server; PretrainConfig at the demo's scale)",
+    exclude=("shards", "out", "device", "seed", "log_every", "resume", "progress"),
+    rename={"batch_size": "pretrain_batch_size", "lr": "pretrain_lr", "min_lr": "pretrain_min_lr",
+            "weight_decay": "pretrain_weight_decay", "weight_decay_end": "pretrain_weight_decay_end"},
+    defaults=dict(depth=4, embed_dim=96, num_heads=3, drop_path=0.0, out_dim=256, head_hidden_dim=512,
+                  head_bottleneck_dim=128, teacher_views="all", local_views=4, epochs=20, batch_size=32, lr=4e-3,
+                  momentum_teacher=0.99),
+    helps={"batch_size": "pretraining batch size (small data needs updates more than large batches)"},
+    default_texts={"warmup_epochs": "max(1, --epochs // 10)"})
+# The one supervised recipe every method shares (fine-tuning, the from-scratch baseline, FedAvg, the upper bound).
+RECIPE = Part(
+    Recipe, "fine-tuning recipe (every method)", exclude=("seed",),
+    rename={"steps": "finetune_steps", "lr": "finetune_lr", "batch_size": "finetune_batch_size",
+            "min_lr": "finetune_min_lr", "warmup_steps": "finetune_warmup_steps",
+            "weight_decay": "finetune_weight_decay"},
+    helps={"steps": "fine-tuning steps (every method; FedAvg: rounds x local steps)"})
+FEDAVG = Part(FedAvgSettings, "supervised FedAvg baseline (local steps = --finetune-steps / --fedavg-rounds)",
+              exclude=("local_steps", "seed"), rename={"rounds": "fedavg_rounds",
+                                                       "client_fraction": "fedavg_client_fraction"})
+
+
 @dataclasses.dataclass
+@compose(PRETRAINING, RECIPE, FEDAVG)
 class DemoConfig:
+    """Every setting of the demo: its own (data, clients, seeds, encryption, ...) and, composed, the pretraining
+    settings (:class:`~msd_fast.server.PretrainConfig`), the fine-tuning :class:`~msd_fast.client.Recipe` and the
+    :class:`~msd_fast.evaluation.FedAvgSettings` it passes on."""
+
     out: str = flag("demo_out", "report folder (also holds the demo's key, shards, checkpoints and models)")
     data: str = flag("synthetic:2400", "labelled data: synthetic[:N], an image folder with class sub-folders, a "
                                      "MedMNIST .npz or a .npy")
-    image_size: Optional[int] = flag(None, "resize images to this side (synthetic: generated at this side, "
-                                           "default 32)")
+    image_size: Optional[int] = flag(None, "resize images to this side", default_text="as stored; synthetic: 32")
     clients: int = flag(3, "simulated clients")
-    alpha: Optional[float] = flag(None, "Dirichlet concentration of a non-IID split (default: IID)")
+    alpha: Optional[float] = flag(None, "Dirichlet concentration of a non-IID split", default_text="IID")
     test_fraction: float = flag(0.25, "held-out test fraction")
     label_fractions: str = flag("0.1", "comma-separated fractions of each client's images with labels, e.g. "
                                        "0.01,0.1,1 (one table block and one point of the sweep plot each)")
     seeds: int = flag(3, "seeds (splits, pretraining, fine-tuning); results are mean ± std over them")
     seed: int = flag(0, "first seed")
     patch_size: int = flag(8, "ViT patch size (= encryption block size)")
-    arch: str = flag("vit_tiny_patch16_224", "timm ViT name")
-    depth: int = flag(4, "ViT depth")
-    embed_dim: int = flag(96, "ViT width")
-    num_heads: int = flag(3, "attention heads")
-    out_dim: int = flag(256, "DINO head output size")
-    epochs: int = flag(20, "pretraining epochs")
-    pretrain_batch_size: int = flag(32, "pretraining batch size (small data needs updates more than large batches)")
-    pretrain_lr: float = flag(4e-3, "pretraining peak lr at batch 256 (scaled linearly to the batch size)")
-    teacher_views: str = flag("all", "what the teacher sees: all tokens (MSN-style) or the global views (DINO)",
-                              choices=("all", "global"))
-    global_keep: float = flag(0.6, "fraction of tokens each of the 2 global student views keeps")
-    local_views: int = flag(4, "local student views")
-    local_keep: float = flag(0.25, "fraction of tokens a local view keeps")
-    embed_optimizer: str = flag("rowwise", "pretraining: second moment of the patch-embedding weight, rowwise "
-                                           "(key-invariant) or adamw", choices=("rowwise", "adamw"))
-    contrast: float = flag(0.0, "student inputs: random contrast about mid-grey, factor in [1-c, 1+c]")
-    noise: float = flag(0.0, "student inputs: Gaussian noise std as a fraction of the value range")
-    finetune_steps: int = flag(300, "fine-tuning steps (every method; FedAvg: rounds x local steps)")
-    finetune_lr: float = flag(1e-3, "fine-tuning peak learning rate")
-    layer_decay: float = flag(0.75, "layer-wise lr decay of pretrained bodies in fine-tuning (1: off)")
-    refit_head: bool = flag(True, "after selecting the step, refit the linear head on all of a client's labels")
-    fedavg_rounds: int = flag(15, "FedAvg rounds (local steps = fine-tuning steps / rounds)")
     upper_bound_steps: int = flag(1500, "steps of the all-labels supervised upper bound")
     scheme: str = flag("dense", "encryption: dense (the key's orthogonal block transform) or permute (block + "
                                 "pixel shuffling + negative-positive, broken by the audit; for comparison)",
@@ -88,31 +95,43 @@ class DemoConfig:
     workers: int = flag(0, "seeds run in parallel processes (0: auto = every seed at once, up to twice the CPU "
                            "cores, on a CPU; 1 on a GPU)")
     progress: bool = flag(True, "progress bars on terminals")
+    quick: bool = quick_flag("well under a minute on a CPU; every other setting except --out, --seed, --device "
+                             "and --progress is ignored")
 
     def __post_init__(self):
         self.fractions()  # validates
         self.encryption()
-        for name in ("clients", "seeds", "epochs", "finetune_steps", "fedavg_rounds", "upper_bound_steps",
-                     "patch_size", "depth", "embed_dim", "num_heads", "out_dim", "pretrain_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        for name in ("clients", "seeds", "upper_bound_steps", "patch_size"):
+            require(self, name, is_positive_int, "a positive integer")
+        require(self, "workers", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                "an integer >= 0")
+        require(self, "test_fraction", lambda v: 0 < v < 1, "in (0, 1)")
+        require(self, "alpha", lambda v: v is None or v > 0, "> 0")
+        if self.image_size is not None:
+            check_image_size(self.image_size, "--image-size")
+        # the composed settings, checked by their own classes (the messages name the demo's flags)
+        self.pretrain_config(["<shards>"], self.out, self.seed, device="cpu")
+        self.recipe(self.seed)
+        self.recipe(self.seed, self.upper_bound_steps)
+        self.fedavg_settings(self.seed)
         if self.finetune_steps < self.fedavg_rounds:
             raise ValueError(f"--finetune-steps ({self.finetune_steps}) must be >= --fedavg-rounds "
                              f"({self.fedavg_rounds})")
-        if not 0 < self.test_fraction < 1:
-            raise ValueError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
-        for name in ("pretrain_lr", "finetune_lr"):
-            if not (np.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(self, name)}")
-        if not 0 < self.layer_decay <= 1:
-            raise ValueError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
-            raise ValueError(f"--workers must be an integer >= 0, got {self.workers!r}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise ValueError(f"--alpha must be > 0, got {self.alpha}")
-        if self.image_size is not None:
-            check_image_size(self.image_size, "--image-size")
+
+    def pretrain_config(self, shards: list[str], out: str, seed: int, *, device: str) -> PretrainConfig:
+        """The server's settings for one seed's run on ``shards`` (no progress bar: the demo shows its own)."""
+        warmup = self.warmup_epochs if self.warmup_epochs is not None else max(1, self.epochs // 10)
+        return build_part(self, PretrainConfig, shards=shards, out=out, seed=seed, device=device, progress=False,
+                          warmup_epochs=warmup)
+
+    def recipe(self, seed: int, steps: Optional[int] = None) -> Recipe:
+        """The shared recipe (``steps``: default --finetune-steps)."""
+        return build_part(self, Recipe, seed=seed, **({} if steps is None else {"steps": steps}))
+
+    def fedavg_settings(self, seed: int) -> FedAvgSettings:
+        """FedAvg with the fine-tuning steps spread over its rounds."""
+        return build_part(self, FedAvgSettings, local_steps=max(1, self.finetune_steps // self.fedavg_rounds),
+                          seed=seed)
 
     def encryption(self) -> EncryptionSpec:
         """The clients' :class:`~msd_fast.protocol.encryption.EncryptionSpec` (the permute scheme with pixel shuffling and
@@ -132,8 +151,8 @@ class DemoConfig:
         return values
 
     @classmethod
-    def fast(cls, **changes) -> "DemoConfig":
-        """A smoke-test configuration (well under a minute on two CPU cores; its numbers mean nothing)."""
+    def smoke_test(cls, **changes) -> "DemoConfig":
+        """The ``--quick`` configuration (well under a minute on two CPU cores; its numbers mean nothing)."""
         small = dict(data="synthetic:360", image_size=32, depth=1, embed_dim=48, num_heads=3, out_dim=64, epochs=2,
                      pretrain_batch_size=64,
                      seeds=1, finetune_steps=20, fedavg_rounds=4, upper_bound_steps=20, label_fractions="0.3")
@@ -164,7 +183,6 @@ class Demo:
 
         config = self.config
         started = time.perf_counter()
-        self.check_settings()  # every composed setting, before anything is read or written
         warn_if_weak(config.encryption())
         dataset = self.load_data()  # bad --data fails here, before anything is written
         self.check_sizes(dataset)
@@ -242,15 +260,6 @@ class Demo:
         return dict(report.to_dict(), encryption=spec.describe(), images=len(attacked))
 
     # ---- checks (before any work) ----------------------------------------------------------------------------------
-    def check_settings(self) -> None:
-        """Build the pretraining config, the recipe and the FedAvg settings the run will use, so that their own
-        checks refuse a bad value now rather than after the first seed's encoding (messages name the flag)."""
-        self.pretrain_config(["<shards>"], self.config.out, self.config.seed)
-        self.recipe(self.config.seed)
-        self.recipe(self.config.seed, self.config.upper_bound_steps)
-        FedAvgSettings(rounds=self.config.fedavg_rounds,
-                       local_steps=max(1, self.config.finetune_steps // self.config.fedavg_rounds))
-
     def check_sizes(self, dataset: ImageSet) -> None:
         """Enough images for the held-out test set, every client and one pretraining batch."""
         config = self.config
@@ -311,17 +320,8 @@ class Demo:
         return paths
 
     def pretrain_config(self, shards: list[str], folder: str, seed: int) -> PretrainConfig:
-        config = self.config
-        return PretrainConfig(
-            shards=shards, out=os.path.join(folder, "pretrain"), arch=config.arch, depth=config.depth,
-            embed_dim=config.embed_dim, num_heads=config.num_heads, drop_path=0.0, out_dim=config.out_dim,
-            head_hidden_dim=512, head_bottleneck_dim=128, global_keep=config.global_keep,
-            local_views=config.local_views, local_keep=config.local_keep, teacher_views=config.teacher_views,
-            contrast=config.contrast, noise=config.noise, embed_optimizer=config.embed_optimizer,
-            epochs=config.epochs, batch_size=config.pretrain_batch_size,
-            lr=config.pretrain_lr,
-            warmup_epochs=max(1, config.epochs // 10), momentum_teacher=0.99, seed=seed,
-            device=str(self.device) if self.device.type == "cpu" else "auto", progress=False)
+        return self.config.pretrain_config(shards, os.path.join(folder, "pretrain"), seed,
+                                           device=str(self.device) if self.device.type == "cpu" else "auto")
 
     def knn_monitor(self, data: SeedData, shards: list[str]):
         """k-NN accuracy of the teacher's features on the encrypted images, read from the shards: client 0's
@@ -347,12 +347,6 @@ class Demo:
                     patch_size=config.patch_size, in_chans=data.images.shape[1],
                     image_size=tuple(data.images.shape[2:]))
 
-    def recipe(self, seed: int, steps: Optional[int] = None) -> Recipe:
-        config = self.config
-        steps = steps or config.finetune_steps
-        return Recipe(steps=steps, lr=config.finetune_lr, layer_decay=config.layer_decay,
-                      refit_head=config.refit_head, seed=seed)
-
     def labelled_splits(self, data: SeedData, seed: int, fraction: float) -> list[LabelledSplit]:
         splits = []
         for c, rows in enumerate(data.clients):
@@ -374,14 +368,11 @@ class Demo:
                 probes = probe(classifier, split, device=self.device)
                 per_client["knn_" + name].append(probes["knn"])
                 per_client["linear_" + name].append(probes["linear"])
-                per_client[name].append(finetune_and_evaluate(classifier, split, self.recipe(seed * 1009 + c),
+                per_client[name].append(finetune_and_evaluate(classifier, split, self.config.recipe(seed * 1009 + c),
                                                               device=self.device, pretrained=model is not None))
             per_client["pixel_knn"].append(pixel_knn(split))
-        rounds = self.config.fedavg_rounds
-        fed_metrics, fed_traffic = fedavg_baseline(
-            splits, self.random_arch(data), self.recipe(seed),
-            FedAvgSettings(rounds=rounds, local_steps=max(1, self.config.finetune_steps // rounds), seed=seed),
-            device=self.device)
+        fed_metrics, fed_traffic = fedavg_baseline(splits, self.random_arch(data), self.config.recipe(seed),
+                                                   self.config.fedavg_settings(seed), device=self.device)
         return {"per_client": per_client, "fedavg": fed_metrics, "labelled_per_client": [len(s.train_labels)
                                                                                           for s in splits],
                 "communication": {"ms_dino": dataclasses.asdict(ours), "random": dataclasses.asdict(
@@ -393,7 +384,7 @@ class Demo:
         split = LabelledSplit(data.images[rows], data.labels[rows], data.images[data.test], data.labels[data.test],
                               data.n_classes)
         classifier = build_classifier(split, model=None, key=None, random_arch=self.random_arch(data), seed=seed)
-        return finetune_and_evaluate(classifier, split, self.recipe(seed, self.config.upper_bound_steps),
+        return finetune_and_evaluate(classifier, split, self.config.recipe(seed, self.config.upper_bound_steps),
                                      device=self.device)
 
     # ---- progress --------------------------------------------------------------------------------------------------
@@ -428,21 +419,3 @@ def pixel_knn(split: LabelledSplit) -> dict:
 def run_demo(config: DemoConfig) -> dict:
     """Run the demo (see the module docstring); returns the results and writes ``config.out``."""
     return Demo(config).run()
-
-
-def add_demo_arguments(parser) -> None:
-    from ..cli.flags import add_dataclass_arguments
-
-    add_dataclass_arguments(parser, DemoConfig)
-    parser.add_argument("--fast", action="store_true", help="smoke-test sizes (well under a minute on a CPU); other "
-                                                             "flags except --out, --seed, --device are ignored")
-
-
-def run_demo_command(args) -> int:
-    from ..cli.flags import dataclass_from_args
-
-    config = dataclass_from_args(DemoConfig, args)
-    if args.fast:
-        config = DemoConfig.fast(out=config.out, seed=config.seed, device=config.device, progress=config.progress)
-    run_demo(config)
-    return 0

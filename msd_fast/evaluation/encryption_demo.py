@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..backends import resolve_backend
+from ..checks import is_positive_int
 from ..data.convert import MAX_IMAGE_SIDE
 from .image_grid import save_image_columns
 from ..keys import Key
@@ -28,7 +29,7 @@ def _to_uint8_batch(images: list) -> torch.Tensor:
 def check_geometry(patch_size: int, size: int) -> None:
     """Refuse a patch size or image side that cannot work (naming the flag), before anything is allocated."""
     for flag, value in (("--patch-size", patch_size), ("--size", size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_positive_int(value):
             raise ValueError(f"{flag} must be a positive integer, got {value!r}")
     if size > MAX_IMAGE_SIDE:
         raise ValueError(f"--size must be at most {MAX_IMAGE_SIDE}, got {size}")

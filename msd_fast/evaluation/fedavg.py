@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..cli.flags import flag
+from ..ops._checks import check_positive_int
 from .communication import Communication, state_dict_bytes
 from ..client.finetune import Recipe, train_classifier
 
@@ -52,16 +54,14 @@ class FedAvgSettings:
     train ``local_steps`` optimisation steps each (rounds x local steps = the fine-tuning steps: the same
     optimisation per client as fine-tuning)."""
 
-    rounds: int = 15
-    local_steps: int = 20
-    client_fraction: float = 1.0
-    seed: int = 0
+    rounds: int = flag(15, "communication rounds")
+    local_steps: int = flag(20, "local optimisation steps per round")
+    client_fraction: float = flag(1.0, "fraction of the clients sampled per round")
+    seed: int = flag(0, "seed of the client sampling")
 
     def __post_init__(self):
         for name in ("rounds", "local_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(getattr(self, name), name)
         if not 0 < self.client_fraction <= 1:
             raise ValueError(f"client_fraction must be in (0, 1], got {self.client_fraction}")
 

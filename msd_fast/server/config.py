@@ -7,13 +7,13 @@ a faster teacher momentum for runs of hundreds rather than hundreds of thousands
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Optional
 
-from ..cli.flags import add_dataclass_arguments, dataclass_from_args, flag
+from ..checks import require
+from ..cli.flags import flag
 
 
 @dataclass
@@ -22,9 +22,10 @@ class PretrainConfig:
     out: str = flag("pretrain_out", "output folder: checkpoint.pt, log.jsonl, loss_curve.png")
     arch: str = flag("vit_tiny_patch16_224", "any timm VisionTransformer name (patch and image size come from "
                                            "the shards)")
-    depth: Optional[int] = flag(None, "override the architecture's depth")
-    embed_dim: Optional[int] = flag(None, "override the embedding width (token mode: must equal the shards' D)")
-    num_heads: Optional[int] = flag(None, "override the number of attention heads")
+    depth: Optional[int] = flag(None, "override the architecture's depth", default_text="--arch's")
+    embed_dim: Optional[int] = flag(None, "override the embedding width (token mode: must equal the shards' D)",
+                                default_text="--arch's")
+    num_heads: Optional[int] = flag(None, "override the number of attention heads", default_text="--arch's")
     drop_path: float = flag(0.1, "stochastic depth rate of the student")
     out_dim: int = flag(4096, "DINO head output size K (DINO: 65536; smaller suits small datasets)")
     head_hidden_dim: int = flag(2048, "DINO head MLP width")
@@ -48,7 +49,7 @@ class PretrainConfig:
     batch_size: int = flag(64, "global batch size (split evenly over processes)")
     lr: float = flag(5e-4, "peak learning rate at batch size 256, scaled linearly with the batch size (DINO)")
     min_lr: float = flag(1e-6, "final learning rate of the cosine schedule")
-    warmup_epochs: Optional[int] = flag(None, "linear learning-rate warm-up epochs (None: min(3, --epochs))")
+    warmup_epochs: Optional[int] = flag(None, "linear learning-rate warm-up epochs", default_text="min(3, --epochs)")
     weight_decay: float = flag(0.04, "initial weight decay (cosine schedule)")
     weight_decay_end: float = flag(0.4, "final weight decay")
     momentum_teacher: float = flag(0.99, "initial teacher EMA momentum, cosine to 1 (DINO: 0.996 for long runs)")
@@ -73,29 +74,29 @@ class PretrainConfig:
         self._check_shards()
         for name in ("epochs", "batch_size", "global_views", "out_dim", "head_hidden_dim", "head_bottleneck_dim",
                      "head_layers", "log_every"):
-            _require(self, name, lambda v: v >= 1, ">= 1")
+            require(self, name, lambda v: v >= 1, ">= 1")
         for name in ("depth", "embed_dim", "num_heads"):
-            _require(self, name, lambda v: v is None or v >= 1, ">= 1")
+            require(self, name, lambda v: v is None or v >= 1, ">= 1")
         if self.embed_dim is not None and self.num_heads is not None and self.embed_dim % self.num_heads:
             raise ValueError(f"--embed-dim {self.embed_dim} must be divisible by --num-heads {self.num_heads}")
         for name in ("local_views", "freeze_last_layer"):
-            _require(self, name, lambda v: v >= 0, ">= 0")
+            require(self, name, lambda v: v >= 0, ">= 0")
         for name in ("lr", "teacher_temp", "warmup_teacher_temp", "student_temp"):
-            _require(self, name, lambda v: 0 < v < math.inf, "a positive finite number")
+            require(self, name, lambda v: 0 < v < math.inf, "a positive finite number")
         for name in ("min_lr", "weight_decay", "weight_decay_end", "clip_grad"):
-            _require(self, name, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+            require(self, name, lambda v: 0 <= v < math.inf, "a finite number >= 0")
         for name in ("global_keep", "local_keep"):
-            _require(self, name, lambda v: 0 < v <= 1, "in (0, 1]")
+            require(self, name, lambda v: 0 < v <= 1, "in (0, 1]")
         for name in ("momentum_teacher", "center_momentum", "noise"):
-            _require(self, name, lambda v: 0 <= v <= 1, "in [0, 1]")
+            require(self, name, lambda v: 0 <= v <= 1, "in [0, 1]")
         for name in ("drop_path", "contrast"):
-            _require(self, name, lambda v: 0 <= v < 1, "in [0, 1)")
+            require(self, name, lambda v: 0 <= v < 1, "in [0, 1)")
         if self.teacher_views not in ("global", "all"):
             raise ValueError(f"--teacher-views must be 'global' or 'all', got {self.teacher_views!r}")
         if self.warmup_epochs is None:
             self.warmup_epochs = min(3, self.epochs)
         for name in ("warmup_epochs", "warmup_teacher_temp_epochs"):
-            _require(self, name, lambda v: 0 <= v <= self.epochs, f"in [0, --epochs {self.epochs}]")
+            require(self, name, lambda v: 0 <= v <= self.epochs, f"in [0, --epochs {self.epochs}]")
 
     def _check_shards(self) -> None:
         if not self.shards:
@@ -113,23 +114,3 @@ class PretrainConfig:
 
     # Settings that may change on --resume without changing the result.
     RUNTIME_ONLY = ("out", "device", "resume", "progress", "log_every")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _require(config: PretrainConfig, name: str, valid: Callable[[Any], bool], requirement: str) -> None:
-    """A ValueError naming the flag unless ``valid(value)`` (comparisons with NaN are false: NaN never passes)."""
-    value = getattr(config, name)
-    if not valid(value):
-        raise ValueError(f"{_flag(name)} must be {requirement}, got {value}")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`PretrainConfig` field (``--snake-case``; booleans get ``--x/--no-x``)."""
-    add_dataclass_arguments(parser, PretrainConfig)
-
-
-def from_args(args: argparse.Namespace) -> PretrainConfig:
-    return dataclass_from_args(PretrainConfig, args)
