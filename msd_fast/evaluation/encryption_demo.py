@@ -1,28 +1,23 @@
 """A short, self-contained demonstration of the default encryption (``msd-fast encrypt-demo``).
 
-Encrypts synthetic head phantoms with a consortium key (the dense transform, per-image block orders), decrypts them, tries a wrong key, checks the exact
-model-side transform of a small timm ViT, prints what it did, and writes plain / encrypted / decrypted /
-wrong-key images side by side.
+Encrypts two synthetic chest-CT slices (:mod:`msd_fast.data.synthetic`) with a consortium key (the dense transform,
+per-image block orders), decrypts them, tries a wrong key, checks the exact model-side transform of a small timm ViT,
+prints what it did, and writes plain / encrypted / decrypted / wrong-key images side by side.
 """
 from __future__ import annotations
 
 import os
 import time
 
-import numpy as np
 import torch
 
 from ..backends import resolve_backend
 from ..data.convert import MAX_IMAGE_SIDE
+from ..data.synthetic import MIN_SIZE, synthetic_dataset
 from .image_grid import save_image_columns
 from ..keys import Key
 from ..protocol.encryption import EncryptionSpec
-from ..data.phantom import head_phantom
 from ..vit import encrypt_vit
-
-
-def _to_uint8_batch(images: list) -> torch.Tensor:
-    return torch.from_numpy(np.stack([np.round(im * 255.0) for im in images]).astype(np.uint8))[:, None]
 
 
 def check_geometry(patch_size: int, size: int) -> None:
@@ -30,6 +25,8 @@ def check_geometry(patch_size: int, size: int) -> None:
     for flag, value in (("--patch-size", patch_size), ("--size", size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+    if size < MIN_SIZE:
+        raise ValueError(f"--size must be at least {MIN_SIZE}, got {size}")
     if size > MAX_IMAGE_SIDE:
         raise ValueError(f"--size must be at most {MAX_IMAGE_SIDE}, got {size}")
     if size % patch_size:
@@ -41,7 +38,7 @@ def run(out_dir: str = "demo_out", patch_size: int = 16, size: int = 224, key_pa
     check_geometry(patch_size, size)
     key = Key.load(key_path) if key_path else Key.generate()  # a wrong key path fails before anything is written
     os.makedirs(out_dir, exist_ok=True)
-    x = _to_uint8_batch([head_phantom(size, size, lesion=bool(i % 2)) for i in range(2)])
+    x = synthetic_dataset(2, size=size, n_classes=2).to_tensor()  # a normal slice and one with a round mass
     spec = EncryptionSpec()
     ids = torch.arange(len(x))
     backend = resolve_backend("auto", x.device, "block_mix")
@@ -79,7 +76,7 @@ def run(out_dir: str = "demo_out", patch_size: int = 16, size: int = 224, key_pa
         model_gap=model_gap, image=path,
     )
     print(f"key            fingerprint {key.fingerprint} ({'loaded from ' + key_path if key_path else 'fresh'})")
-    print(f"images         {tuple(x.shape)} uint8 head phantoms, patch size {patch_size}: {n_blocks} blocks of "
+    print(f"images         {tuple(x.shape)} uint8 synthetic chest-CT slices, patch size {patch_size}: {n_blocks} blocks of "
           f"{n_values} values")
     print(f"encryption     {spec.describe()}: every block -> A (x/255 - 1/2), A the key's orthogonal "
           f"{n_values}x{n_values} matrix, then a per-image block order")
