@@ -14,7 +14,7 @@ import torch
 from ..backends import resolve_backend
 from ..data.convert import MAX_IMAGE_SIDE
 from ..data.synthetic import MIN_SIZE, synthetic_dataset
-from .image_grid import save_image_columns
+from .image_grid import ciphertext_pixels, save_image_columns
 from ..keys import Key
 from ..protocol.encryption import EncryptionSpec
 from ..vit import encrypt_vit
@@ -67,9 +67,8 @@ def run(out_dir: str = "demo_out", patch_size: int = 16, size: int = 224, key_pa
                      - model((x.float() - 127.5) / 64.0)).abs().max().item()
 
     path = os.path.join(out_dir, "encryption_demo.png")
-    low, high = float(y.float().min()), float(y.float().max())
-    shown = ((y.float() - low) / max(high - low, 1e-6) * 255).round().to(torch.uint8)  # float ciphertext, rescaled
-    save_image_columns(path, [("plain", x), ("encrypted", shown), ("decrypted", back), ("wrong key", wrong)])
+    save_image_columns(path, [("plain", x), ("encrypted", ciphertext_pixels(y)), ("decrypted", back),
+                              ("wrong key", wrong)])
     result = dict(
         fingerprint=key.fingerprint, backend=backend, encrypt_ms=encrypt_ms,
         exact=bool(torch.equal(back, x)), wrong_key_changed=float((wrong != x).float().mean()),

@@ -69,6 +69,8 @@ KNOWN_PLAINTEXT_CONFIGS = (
 )
 DENSE_SPECS = (EncryptionSpec(scheme="dense", per_sample=False, cipher_dtype="float16"),
                EncryptionSpec(scheme="dense", per_sample=True, cipher_dtype="float16"))
+NOT_THESE_IMAGES = ("the shard does not hold these images encrypted with this key in this order (pass the --data "
+                    "it was encoded from)")
 _SELECT_IMAGES = 64  # images used to pick the symmetry / polarity / channel order of a reassembly
 
 
@@ -792,8 +794,7 @@ def _check_shard_matches(items: torch.Tensor, images: torch.Tensor, key: Key, me
             expected = permute_tokens(embedder(images[:n]), key, ids)
         same = bool(torch.allclose(expected, items[:n].float(), rtol=1e-2, atol=2e-2))
     if not same:
-        raise ValueError("the shard does not hold these images encrypted with this key in this order "
-                         "(pass the --data it was encoded from)")
+        raise ValueError(NOT_THESE_IMAGES)
 
 
 def _describe(options: dict) -> str:
@@ -915,8 +916,7 @@ def _run_quick_audit(args: argparse.Namespace, spec: EncryptionSpec, images: tor
         ids = torch.arange(start, start + count, dtype=torch.int64)
         expected = spec.encrypt(images[:2], key, patch_size, sample_ids=ids[:2], backend=args.backend)
         if not torch.allclose(expected.double(), cipher[:2].double(), atol=1e-2):
-            raise ValueError("the shard does not hold these images encrypted with this key in this order "
-                             "(pass the --data it was encoded from)")
+            raise ValueError(NOT_THESE_IMAGES)
         if public is None and spec.scheme == "dense":
             count = len(images) - max(1, len(images) // 4)
             images, public, cipher, ids = images[:count], images[count:], cipher[:count], ids[:count]
