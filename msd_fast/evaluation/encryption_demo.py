@@ -75,8 +75,8 @@ def run(out_dir: str = "demo_out", patch_size: int = 16, size: int = 224, key_pa
         model_gap=model_gap, image=path,
     )
     print(f"key            fingerprint {key.fingerprint} ({'loaded from ' + key_path if key_path else 'fresh'})")
-    print(f"images         {tuple(x.shape)} uint8 synthetic chest-CT slices, patch size {patch_size}: {n_blocks} blocks of "
-          f"{n_values} values")
+    print(f"images         {tuple(x.shape)} uint8 synthetic chest-CT slices, patch size {patch_size}: {n_blocks} "
+          f"blocks of {n_values} values")
     print(f"encryption     {spec.describe()}: every block -> A (x/255 - 1/2), A the key's orthogonal "
           f"{n_values}x{n_values} matrix, then a per-image block order")
     print(f"encrypt        {encrypt_ms:.2f} ms with backend '{backend}' (best of 5, after a first call that derives "

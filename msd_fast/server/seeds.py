@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 SEED_INIT = 0xA11  # the student's initial weights (the teacher copies them): ``(seed, SEED_INIT)``
-SEED_VIEWS = 0xF1E3  # a step's masked views of the global batch, the same on every process: ``(seed, SEED_VIEWS, step)``
+SEED_VIEWS = 0xF1E3  # a step's masked views of the global batch (same on every process): ``(seed, SEED_VIEWS, step)``
 SEED_DROP_PATH = 0xD50  # a step's stochastic depth, per process: ``(seed, SEED_DROP_PATH, step, rank)``
 SEED_AUGMENT = 0xA06  # a step's student input augmentation of the global batch: ``(seed, SEED_AUGMENT, step)``
 

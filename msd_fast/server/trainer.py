@@ -11,10 +11,10 @@ teacher forward -> loss -> :meth:`~Pretraining.optimize` -> :meth:`~Pretraining.
 the bookkeeping (bar, log, checkpoints, loss curve) is :class:`~msd_fast.server.recorder.RunRecorder`'s.
 
 Reproducibility: data order, initial weights, views, augmentation and dropout each have their own seeded stream
-(:mod:`~msd_fast.server.seeds`, derived from ``(seed, step, rank)``), and a checkpoint is written after every epoch, so ``--resume`` after a crash gives the weights of an uninterrupted run.
-Under ``torchrun`` every process draws the *global* batch's views and keeps its slice, BatchNorm statistics and the
-teacher center are all-reduced, and DDP averages gradients: N processes compute what one process with the global
-batch computes.
+(:mod:`~msd_fast.server.seeds`, derived from ``(seed, step, rank)``), and a checkpoint is written after every
+epoch, so ``--resume`` after a crash gives the weights of an uninterrupted run. Under ``torchrun`` every process
+draws the *global* batch's views and keeps its slice, BatchNorm statistics and the teacher center are all-reduced,
+and DDP averages gradients: N processes compute what one process with the global batch computes.
 """
 from __future__ import annotations
 
