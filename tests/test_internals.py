@@ -1,6 +1,7 @@
 """The small shared pieces behind the trainer, the audit and the ops: view groups, seed domains, the audit's attack
 table, the one wrong-key check, the kernel lookup and the image grid."""
 import dataclasses
+import os
 import sys
 
 import numpy as np
@@ -119,3 +120,39 @@ def test_image_columns_with_row_labels_and_short_columns(tmp_path):
     row = lambda r: 14 + r * (96 + 6)  # noqa: E731
     assert pixels[row(1):row(1) + 96, short_left:].eq(255).all()  # the short column's missing cells stay blank
     assert pixels[row(0):row(0) + 96, short_left:].ne(255).any()
+
+
+def test_the_run_recorder_writes_only_on_the_main_process(tmp_path):
+    from msd_fast.server.checkpoint import load_checkpoint
+    from msd_fast.server.distributed import ProcessInfo
+    from msd_fast.server.logs import read_log
+    from msd_fast.server.recorder import RunRecorder, weight_digest
+
+    model = torch.nn.Linear(3, 2)
+    for rank, folder in ((0, tmp_path / "main"), (1, tmp_path / "other")):
+        folder.mkdir()
+        config = _config(tmp_path, out=str(folder), epochs=1, log_every=2)
+        info = ProcessInfo(rank=rank, world_size=1, device=torch.device("cpu"))
+        recorder = RunRecorder(config, info, steps_per_epoch=3, start_epoch=0,
+                               checkpoint_path=str(folder / "checkpoint.pt"))
+        recorder.start(items=24)
+        recorder.start_epoch()
+        for step in range(3):
+            recorder.step(epoch=0, step=step, last_of_epoch=step == 2, loss=1.0 / (step + 1), lr=1e-3,
+                          weight_decay=0.04, momentum=0.99, images_per_s=100.0)
+        record = {"epoch": 0, "loss": 0.5, **recorder.epoch_timing()}
+        assert record["seconds"] > 0 and record["images_per_s"] > 0
+        if info.is_main:
+            recorder.end_epoch(record, {"epoch": 1, "weights": model.state_dict()})
+        summary = recorder.end(model, [record])
+        assert summary["ranks_identical"] and summary["steps"] == 3 and summary["history"] == [record]
+    assert sorted(os.listdir(tmp_path / "other")) == []
+    assert sorted(os.listdir(tmp_path / "main")) == ["checkpoint.pt", "log.jsonl", "loss_curve.png"]
+    events = read_log(str(tmp_path / "main" / "log.jsonl"))
+    assert [(e["event"], e.get("step")) for e in events] == [("start", None), ("step", 0), ("step", 2),
+                                                             ("epoch", None), ("end", None)]
+    assert load_checkpoint(str(tmp_path / "main" / "checkpoint.pt"))["epoch"] == 1
+    before = weight_digest(model)
+    with torch.no_grad():
+        model.weight[0, 0] += 1e-6
+    assert weight_digest(model) != before

@@ -98,6 +98,24 @@ def parameter_groups(model: nn.Module, rowwise_embed: bool) -> list[dict]:
     return groups
 
 
+def build_loss(config: PretrainConfig) -> DINOLoss:
+    """The run's :class:`DINOLoss`: each student view against every teacher (global) view but itself."""
+    return DINOLoss(config.out_dim, config.global_views + config.local_views, config.global_views,
+                    student_temp=config.student_temp, warmup_teacher_temp=config.warmup_teacher_temp,
+                    teacher_temp=config.teacher_temp, warmup_teacher_temp_epochs=config.warmup_teacher_temp_epochs,
+                    n_epochs=config.epochs, center_momentum=config.center_momentum, centering=config.centering)
+
+
+def schedules(config: PretrainConfig, steps_per_epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-step ``(lr, weight decay, teacher momentum)``, each ``[epochs * steps_per_epoch]``: the lr scaled by
+    batch / 256 with a linear warm-up, all three cosine (DINO)."""
+    steps = (config.epochs, steps_per_epoch)
+    lr = cosine_schedule(config.lr * config.batch_size / 256.0, config.min_lr, *steps,
+                         warmup_epochs=config.warmup_epochs)
+    return (lr, cosine_schedule(config.weight_decay, config.weight_decay_end, *steps),
+            cosine_schedule(config.momentum_teacher, 1.0, *steps))
+
+
 def _comparable(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in PretrainConfig.RUNTIME_ONLY}
 
@@ -127,17 +145,9 @@ class Pretraining:
         self.student_ddp = (DistributedDataParallel(self.student, device_ids=[self.info.device.index]
                                                     if self.info.device.type == "cuda" else None)
                             if self.info.distributed else self.student)
-        n_views = config.global_views + config.local_views
-        self.loss = DINOLoss(config.out_dim, n_views, config.global_views, student_temp=config.student_temp,
-                             warmup_teacher_temp=config.warmup_teacher_temp, teacher_temp=config.teacher_temp,
-                             warmup_teacher_temp_epochs=config.warmup_teacher_temp_epochs, n_epochs=config.epochs,
-                             center_momentum=config.center_momentum, centering=config.centering).to(self.info.device)
+        self.loss = build_loss(config).to(self.info.device)
         self.optimizer = KeyInvariantAdamW(parameter_groups(self.student, config.embed_optimizer == "rowwise"))
-        steps = (config.epochs, self.steps_per_epoch)
-        self.lr = cosine_schedule(config.lr * config.batch_size / 256.0, config.min_lr, *steps,
-                                  warmup_epochs=config.warmup_epochs)
-        self.wd = cosine_schedule(config.weight_decay, config.weight_decay_end, *steps)
-        self.momentum = cosine_schedule(config.momentum_teacher, 1.0, *steps)
+        self.lr, self.wd, self.momentum = schedules(config, self.steps_per_epoch)
         self.bf16 = config.precision == "bf16" or (config.precision == "auto" and self.info.device.type == "cuda")
         self.start_epoch, self.history = 0, []
         self.checkpoint_path = os.path.join(config.out, CHECKPOINT_NAME)
