@@ -62,9 +62,9 @@ class RunRecorder:
                     disable=None, dynamic_ncols=True)
 
     def start(self, **facts) -> None:
-        """The ``start`` event: what the run is about to train on."""
+        """The ``start`` event: what the run is about to train on, and ``steps_per_epoch`` (for the loss curve)."""
         if self.log is not None:
-            self.log.write(event="start", **facts)
+            self.log.write(event="start", steps_per_epoch=self.steps_per_epoch, **facts)
 
     def start_epoch(self) -> None:
         self._epoch_started = time.perf_counter()

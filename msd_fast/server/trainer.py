@@ -283,8 +283,7 @@ class Pretraining:
             self.restore(load_checkpoint(self.checkpoint_path, map_location=info.device))
         recorder = RunRecorder(config, info, self.steps_per_epoch, self.start_epoch, self.checkpoint_path)
         recorder.start(resumed_at_epoch=self.start_epoch, processes=info.world_size, device=str(info.device),
-                       items=len(self.data), steps_per_epoch=self.steps_per_epoch,
-                       key_fingerprint=self.data.metadata.key_fingerprint)
+                       items=len(self.data), key_fingerprint=self.data.metadata.key_fingerprint)
         self.student.train()
         self.teacher.train()
         for epoch in range(self.start_epoch, config.epochs):
