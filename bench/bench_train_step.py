@@ -42,7 +42,7 @@ def make_training_step(backend: str):
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     loss_fn = DINOLoss(OUT_DIM, GLOBAL_VIEWS + LOCAL_VIEWS, GLOBAL_VIEWS, n_epochs=1, backend=backend).to(DEVICE)
-    optimizer = torch.optim.AdamW(parameter_groups(student), lr=1e-4, weight_decay=0.04)
+    optimizer = torch.optim.AdamW(parameter_groups(student, rowwise_embed=False), lr=1e-4, weight_decay=0.04)
     student_params, teacher_params = list(student.parameters()), list(teacher.parameters())
     images = torch.randn(BATCH, 3, 224, 224, device=DEVICE)
     n_tokens = student.backbone.patch_embed.num_patches

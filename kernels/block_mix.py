@@ -34,12 +34,15 @@ def _block_mix_kernel(x_ptr, matrix_ptr, src_block_ptr, bias_ptr, scale_ptr, out
     n = rows - b * N
     grid_w = W // p
     pp = p * p
+    # 1. Each tile row r = (b, n) reads source block m = src_block[(b,) n]: its grid cell (m_i, m_j).
     m = tl.load(src_block_ptr + b.to(tl.int64) * block_table_stride + n, mask=row_ok, other=0).to(tl.int32)
     m_i = m // grid_w
     m_j = m - m_i * grid_w
     # Address of each row's source block (int64: the whole tensor may exceed 2^31 elements).
     source_row = b.to(tl.int64) * stride_b + (m_i * p).to(tl.int64) * stride_h + (m_j * p).to(tl.int64) * stride_w
 
+    # 2. acc[r, i] = sum_j x[r's source block, value j] * matrix[i, j], BLOCK_K inputs j at a time: the input
+    #    values are loaded straight from the image (value j = (c, u, v) at c*sc + u*sh + v*sw in the block).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=opmath)
     for k0 in range(0, L, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)                                    # input values j
@@ -58,10 +61,12 @@ def _block_mix_kernel(x_ptr, matrix_ptr, src_block_ptr, bias_ptr, scale_ptr, out
         else:
             acc = tl.dot(values, weights, acc, input_precision="ieee")
 
+    # 3. Epilogue: scale * acc, then + bias (two roundings, the reference's order).
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0)
     result = acc * tl.load(scale_ptr)
     result = result + bias[None, :]
     # Image layout: block n = (i, j) of its image, value (c, u, v) -> out[b, c, i * p + u, j * p + v].
+    # 4. Store in image layout, rounded to out_dtype (see below).
     n_i = n // grid_w
     n_j = n - n_i * grid_w
     oc = cols // pp

@@ -40,6 +40,7 @@ def _dino_loss_kernel(student_ptr, teacher_ptr, center_ptr, grad_ptr, row_loss_p
     for k0 in range(0, n_cols, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         in_row = cols < n_cols
+        # 1. Teacher views: online max/sum of exp(y_v - M_v); a larger max rescales the sum (and D_v below).
         y = _teacher_logits(teacher_rows, center_ptr, cols, in_row, view_exists, inv_teacher_temp, ACC_DTYPE)
         new_teacher_max = tl.maximum(teacher_max, tl.max(y, axis=1))
         rescale = tl.exp(teacher_max - new_teacher_max)
@@ -48,19 +49,23 @@ def _dino_loss_kernel(student_ptr, teacher_ptr, center_ptr, grad_ptr, row_loss_p
         teacher_sum = teacher_sum_before + tl.sum(teacher_exp, axis=1)
         teacher_max = new_teacher_max
 
+        # 2. Student row: online max/sum of exp(z - m); a larger m shifts every earlier (m - z) term.
         z = _student_logits(student_row, cols, in_row, inv_student_temp, ACC_DTYPE)
         new_student_max = tl.maximum(student_max, tl.max(z, axis=0))
         shift = tl.where(student_max == float("-inf"), 0.0, new_student_max - student_max)
         student_sum = student_sum * tl.exp(-shift) + tl.sum(tl.exp(z - new_student_max), axis=0)
         distance = tl.where(in_row, new_student_max - z, 0.0)
+        # 3. D_v = sum_k exp(y_v - M_v) * (m - z_k): rescaled, shifted by (m_new - m_old) * S_v, plus this chunk.
         pair_sum = pair_sum * rescale + shift * teacher_sum_before + tl.sum(teacher_exp * distance[None, :], axis=1)
         student_max = new_student_max
 
+    # 4. Row loss = count * log(S_student) + sum_{v != u} D_v / S_v.
     target_count = tl.sum(is_target.to(ACC_DTYPE), axis=0)
     row_loss = target_count * tl.log(student_sum) + tl.sum(tl.where(is_target, pair_sum / teacher_sum, 0.0), axis=0)
     tl.store(row_loss_ptr + row, row_loss)
 
     if COMPUTE_GRAD:
+        # 5. Pass 2: grad = scale * (count * softmax(z) - sum_{v != u} softmax(y_v)), re-reading the chunks.
         teacher_lse = teacher_max + tl.log(teacher_sum)
         student_lse = student_max + tl.log(student_sum)
         grad_row = grad_ptr + row * n_cols

@@ -36,14 +36,17 @@ def _masked_gather_forward_kernel(tokens_ptr, idx_ptr, pos_ptr, prefix_ptr, out_
     is_prefix = t < P
     is_token = (t >= P) & (t < row_len)
     b = r % B
+    # 1. Output row r = v * B + b, positions t: the first P are prefix rows, the others token n = idx[v, b, t - P].
     n = tl.load(idx_ptr + r * K + (t - P), mask=is_token, other=0).to(tl.int64)
     token_mask = is_token[:, None] & in_d[None, :]
     value = tl.load(tokens_ptr + b * stride_tb + n[:, None] * stride_tn + d[None, :] * stride_td, mask=token_mask,
                     other=0)
+    # 2. tokens[b, n] (+ pos[(b,) n], summed in opmath and rounded once).
     if HAS_POS:
         pos = tl.load(pos_ptr + b * stride_pb + n[:, None] * stride_pn + d[None, :] * stride_pd, mask=token_mask,
                       other=0)
         value = _round_to_output(value.to(OPMATH) + pos.to(OPMATH), IS_BF16, value.dtype)
+    # 3. Prefix positions take prefix[t]; one masked store of the whole tile.
     prefix = tl.load(prefix_ptr + t[:, None] * D + d[None, :], mask=is_prefix[:, None] & in_d[None, :], other=0)
     value = tl.where(is_prefix[:, None], prefix, value)
     tl.store(out_ptr + (r * row_len + t)[:, None] * D + d[None, :], value,
@@ -60,9 +63,11 @@ def _token_gradient(grad_out_ptr, offsets_ptr, sources_ptr, grad_tokens_ptr, gra
     for b0 in range(0, B, BLOCK_B):
         b = b0 + tl.arange(0, BLOCK_B)
         in_b = b < B
+        # 1. For BLOCK_B samples at once: the slots that read (b, n) are sources[b, offsets[b, n]:offsets[b, n + 1]].
         begin = tl.load(offsets_ptr + b * (N + 1) + n, mask=in_b, other=0)
         count = tl.load(offsets_ptr + b * (N + 1) + n + 1, mask=in_b, other=0) - begin
         sample_sum = tl.zeros([BLOCK_B, BLOCK_D], dtype=ACC)
+        # 2. Sum the grad_out rows of those slots (row v * B + b, token P + k for slot v * K + k) in listed order.
         for j in range(0, tl.max(count, axis=0)):
             used = j < count
             slot = tl.load(sources_ptr + b * (V * K) + begin + j, mask=used, other=0)
@@ -70,6 +75,7 @@ def _token_gradient(grad_out_ptr, offsets_ptr, sources_ptr, grad_tokens_ptr, gra
             row = (view * B + b) * row_len + P + (slot - view * K)
             rows = tl.load(grad_out_ptr + row[:, None] * D + d[None, :], mask=used[:, None] & in_d[None, :], other=0)
             sample_sum += rows.to(ACC)
+        # 3. Store per sample (tokens, per-sample pos); a shared pos adds the samples in float64.
         token = (b * N + n)[:, None] * D + d[None, :]
         store_mask = in_b[:, None] & in_d[None, :]
         if WRITE_TOKENS:

@@ -16,6 +16,7 @@ def _patch_permute_kernel(x_ptr, out_ptr, src_block_ptr, src_elem_ptr, flip_ptr,
                           stride_b, stride_c, stride_h, stride_w, block_table_stride,
                           MAX_VALUE: tl.constexpr, HAS_FLIP: tl.constexpr, IS_UINT8: tl.constexpr,
                           OPMATH_F64: tl.constexpr, IS_BF16: tl.constexpr, BLOCK_W: tl.constexpr):
+    # 1. Output row (b, c, h): block row i = h // p, row u = h % p within it.
     row = tl.program_id(0).to(tl.int64)
     h = row % H
     bc = row // H
@@ -26,9 +27,11 @@ def _patch_permute_kernel(x_ptr, out_ptr, src_block_ptr, src_elem_ptr, flip_ptr,
     u = h - i * p
     w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     in_row = w < W
+    # 2. Lane w: block j = w // p of the row, value e = (c, u, v) of that block.
     j = w // p
     v = w - j * p
     e = c * p * p + u * p + v
+    # 3. Source: block m = src_block[(b,) i * gw + j], value s = src_elem[e] = (sc, su, sv) in block m.
     m = tl.load(src_block_ptr + b * block_table_stride + i * grid_w + j, mask=in_row, other=0)
     s = tl.load(src_elem_ptr + e, mask=in_row, other=0)
     sc = s // (p * p)
@@ -38,6 +41,7 @@ def _patch_permute_kernel(x_ptr, out_ptr, src_block_ptr, src_elem_ptr, flip_ptr,
     mj = m - mi * grid_w
     source = x_ptr + b * stride_b + sc * stride_c + (mi * p + su) * stride_h + (mj * p + sv) * stride_w
     value = tl.load(source, mask=in_row, other=0)
+    # 4. Negative-positive transform max - value where flip[e] (uint8 wraps like the CPU path).
     if HAS_FLIP:
         flip = tl.load(flip_ptr + e, mask=in_row, other=0)
         if IS_UINT8:

@@ -28,7 +28,6 @@ MOVED = {
     "msd_fast.dino": ("msd_fast.server.dino",),
     "msd_fast.flags": ("msd_fast.cli.flags",),
     "msd_fast.paths": ("msd_fast.cli.paths",),
-    "msd_fast.phantom": ("msd_fast.data.phantom",),
 }
 
 

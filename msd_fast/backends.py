@@ -70,6 +70,12 @@ def triton_kernels() -> ModuleType:
     return _require("triton")
 
 
+def kernels_for(name: str) -> ModuleType:
+    """The kernel module of a resolved native backend name (``"cpu"``, ``"cuda"`` or ``"triton"``): every op calls
+    ``kernels_for(resolve_backend(...)).<op>``; raises :class:`BackendUnavailableError` saying why one is missing."""
+    return _require(name)
+
+
 def _require(name: str) -> ModuleType:
     status = _status(name)
     if not status.available:

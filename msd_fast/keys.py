@@ -258,6 +258,16 @@ def require_key(key: object, name: str = "key") -> Key:
     return key
 
 
+def check_key_matches(key: object, fingerprint: str, what: str) -> Key:
+    """Raise unless ``key`` is a :class:`Key` with the public ``fingerprint`` that ``what`` records (e.g. ``"x.shard
+    was encoded"``): ``TypeError`` for a non-key, ``ValueError`` for another key. The one wrong-key message of the
+    package; it names both fingerprints, never a secret."""
+    require_key(key)
+    if key.fingerprint != fingerprint:
+        raise ValueError(f"{what} with key fingerprint {fingerprint}, not with this key ({key.fingerprint})")
+    return key
+
+
 def _positive(n: int, name: str) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"{name} must be a positive int, got {n!r}")

@@ -128,7 +128,7 @@ def test_fedavg_prints_metrics_and_the_communication_of_the_payload(tmp_path, ca
     (["finetune", "--data", "synthetic:20", "--model", "{image}"], "--key: a pretrained backbone needs"),
     (["finetune", "--data", "synthetic:20", "--model", "{image}", "--key", "{key}", "--depth", "2"],
      "--depth: the architecture comes from --model"),
-    (["finetune", "--data", "synthetic:20", "--model", "{image}", "--key", "{wrong}"], "is not the one"),
+    (["finetune", "--data", "synthetic:20", "--model", "{image}", "--key", "{wrong}"], "not with this key"),
     (["finetune", "--data", "synthetic:20", "--model", "{token}", "--key", "{key}", "--domain", "plain"],
      "--domain: .* is a token-mode backbone"),
     (["finetune", "--data", "synthetic:20", "--domain", "encrypted"], "--domain encrypted: only a pretrained"),

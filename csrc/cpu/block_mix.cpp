@@ -87,6 +87,8 @@ void block_mix_impl(const torch::Tensor& x, const torch::Tensor& matrix, const t
   const int64_t rows_total = s.B * s.N;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t per_thread = (rows_total + threads - 1) / threads;
+  // 1. Chunk size: at most one chunk's worth of rows per thread, buffers of about kChunkValues values (in L2),
+  //    but never under kMinChunkRows rows (the GEMM's efficiency).
   const int64_t chunk = std::min(per_thread, std::max(kMinChunkRows, kChunkValues / s.L));
   const int64_t n_chunks = (rows_total + chunk - 1) / chunk;
   const torch::Tensor matrix_t = matrix.t();  // a view: the GEMM reads matrix^T without copying it
@@ -99,9 +101,12 @@ void block_mix_impl(const torch::Tensor& x, const torch::Tensor& matrix, const t
     for (int64_t index = first; index < last; ++index) {
       const int64_t row0 = index * chunk, rows = std::min(chunk, rows_total - row0);
       torch::Tensor gathered_rows = gathered.narrow(0, 0, rows), product_rows = product.narrow(0, 0, rows);
+      // 2. Gather: row r of the buffer = the L values of its source block, in opmath.
       gather_rows<scalar_t, opmath_t>(x_data, gathered_rows.data_ptr<opmath_t>(), block_offset.data(),
                                       value_offset.data(), s, x.stride(0), x.stride(3), row0, rows);
+      // 3. Multiply: product[r, i] = sum_j gathered[r, j] * matrix[i, j] (one single-threaded GEMM).
       at::mm_out(product_rows, gathered_rows, matrix_t);
+      // 4. Scatter: scale * product + bias, rounded once, into block n's cell of the image layout.
       scatter_rows<out_t, opmath_t>(product_rows.data_ptr<opmath_t>(), bias_data, static_cast<opmath_t>(scale),
                                     out_data, s, row0, rows);
     }
@@ -137,6 +142,7 @@ torch::Tensor block_mix(const torch::Tensor& x, const torch::Tensor& matrix, con
 
   // Element offsets of every source block within its image (checking the table's values), and of the first value
   // of every (channel, block row) run of p values within a block.
+  // 1. Offsets (below), so the gather needs no division by the grid width per value.
   const int64_t sC = x.stride(1), sH = x.stride(2), sW = x.stride(3), p = s.p;
   const int64_t n_entries = src_block.numel();
   std::vector<int64_t> block_offset(n_entries);
@@ -152,6 +158,7 @@ torch::Tensor block_mix(const torch::Tensor& x, const torch::Tensor& matrix, con
     for (int64_t u = 0; u < p; ++u) value_offset[c * p + u] = c * sC + u * sH;
   }
 
+  // 2. Dispatch on the input dtype (opmath: float64 for float64, float32 otherwise), then on out_dtype.
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, x.scalar_type(), "block_mix_cpu", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
       block_mix_any_out<scalar_t, double>(x, matrix, bias, scale, block_offset, value_offset, s, out);

@@ -49,11 +49,15 @@ constexpr int64_t kTile = 256;
 // exp(x) for x <= 0 (the only arguments here: values minus their running maximum). Cephes' single-precision
 // polynomial (about 1 ulp) in straight-line code the compiler vectorises; exp(x) is 0 below -87 (under 1e-38).
 inline float exp_nonpositive(float x) {
+  // 1. Clamp: below -87 the result is under FLT_MIN and is returned as 0 at the end.
   const float clamped = x < -87.0f ? -87.0f : x;
   const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  // 2. n = round(x / ln 2), so exp(x) = 2^n * exp(r) with |r| <= ln(2) / 2.
   const float n = (clamped * 1.44269504088896341f + round_magic) - round_magic;
+  // 3. r = x - n ln 2 in two steps (Cody-Waite: ln 2 split into an exact high part and a small low part).
   float r = clamped - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
+  // 4. exp(r) = 1 + r + r^2 P(r), P a degree-5 minimax polynomial (Horner).
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -61,6 +65,7 @@ inline float exp_nonpositive(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
+  // 5. 2^n built from its IEEE exponent bits, then exp(x) = 2^n * exp(r).
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -163,6 +168,8 @@ acc_t sample_loss(const scalar_t* student, const scalar_t* teacher, const acc_t*
     const int64_t n = std::min(kTile, K - k0);
     for (int64_t v = 0; v < Vt; ++v) {
       acc_t* y = tiles.teacher_logits.data() + v * kTile;
+      // 1. Teacher view v: y = (t - c) / tau_t for this tile; a larger running max M_v rescales what was summed with
+      //    the old max (S_v and every D[v][u]) by exp(M_old - M_new) before the tile's exp(y - M_v) are added.
       teacher_tile(teacher + ((v * shape.batch + b) * K + k0), center + k0, inv_teacher_temp, y, n);
       const acc_t new_max = std::max(stats.teacher_max[v], tile_max(y, n));
       const acc_t rescale = k0 == 0 ? acc_t(0) : exp_nonpositive(stats.teacher_max[v] - new_max);
@@ -175,6 +182,7 @@ acc_t sample_loss(const scalar_t* student, const scalar_t* teacher, const acc_t*
     for (int64_t u = 0; u < Vs; ++u) {
       acc_t* z = tiles.student_logits.data();
       acc_t* distance = tiles.student_work.data();
+      // 2. Student view u: z = s / tau_s; its running log-sum-exp as for the teacher, and distance = m_u - z >= 0.
       student_tile(student + ((u * shape.batch + b) * K + k0), inv_student_temp, z, n);
       const acc_t new_max = std::max(stats.student_max[u], tile_max(z, n));
       const acc_t shift = k0 == 0 ? acc_t(0) : new_max - stats.student_max[u];
@@ -186,12 +194,15 @@ acc_t sample_loss(const scalar_t* student, const scalar_t* teacher, const acc_t*
       }
       stats.student_sum[u] = stats.student_sum[u] * exp_nonpositive(-shift) + exp_sum;
       stats.student_max[u] = new_max;
+      // 3. D[v][u] += <e_v, m_u - z_u> over the tile; a grown m_u adds (m_new - m_old) to every earlier term, i.e.
+      //    shift * S_v (with S_v as it stood before this tile).
       for (int64_t v = 0; v < Vt; ++v) {
         stats.pair_sum[v * Vs + u] +=
             shift * teacher_sum_before[v] + dot(tiles.teacher_exp.data() + v * kTile, distance, n);
       }
     }
   }
+  // 4. Row loss of (u, b): sum over v != u of D[v][u] / S_v, plus (number of targets) * log(sum_u).
   acc_t loss = 0;
   for (int64_t u = 0; u < Vs; ++u) {
     acc_t row = static_cast<acc_t>(shape.targets_of(u)) * std::log(stats.student_sum[u]);
@@ -211,15 +222,18 @@ void sample_gradient(const scalar_t* student, const scalar_t* teacher, const acc
                      const SampleStats<acc_t>& stats, Tiles<acc_t>& tiles) {
   const int64_t K = shape.out_dim, Vt = shape.teacher_views, Vs = shape.student_views;
   std::vector<acc_t> teacher_lse(Vt), student_lse(Vs);
+  // 1. Finalise the statistics of pass 1: LSE = max + log(sum), per view.
   for (int64_t v = 0; v < Vt; ++v) teacher_lse[v] = stats.teacher_max[v] + std::log(stats.teacher_sum[v]);
   for (int64_t u = 0; u < Vs; ++u) student_lse[u] = stats.student_max[u] + std::log(stats.student_sum[u]);
   for (int64_t k0 = 0; k0 < K; k0 += kTile) {
     const int64_t n = std::min(kTile, K - k0);
     for (int64_t v = 0; v < Vt; ++v) {
       acc_t* y = tiles.teacher_logits.data() + v * kTile;
+      // 2. q_v = softmax of the teacher view's tile, recomputed (cheaper than storing [Vt, K] per sample).
       teacher_tile(teacher + ((v * shape.batch + b) * K + k0), center + k0, inv_teacher_temp, y, n);
       exp_shifted(y, teacher_lse[v], tiles.teacher_exp.data() + v * kTile, n);
     }
+    // 3. The targets of each student view (below).
     // Targets: the sum of all teacher views for u >= Vt, all but view u for u < Vt (summed directly, no
     // cancellation).
     acc_t* all_views = tiles.all_targets.data();
@@ -235,6 +249,7 @@ void sample_gradient(const scalar_t* student, const scalar_t* teacher, const acc
         }
         target = other_views;
       }
+      // 4. grad_u = scale * (count * softmax(z_u) - targets), written straight into the gradient.
       const acc_t count = static_cast<acc_t>(shape.targets_of(u));
       const acc_t lse = student_lse[u];
       const scalar_t* in = student + ((u * shape.batch + b) * K + k0);

@@ -73,12 +73,15 @@ void gather_views(const scalar_t* tokens, TokenStrides ts, const index_t* idx, c
   for (int64_t r = 0; r < V * B; ++r) {
     for (int64_t t = 0; t < row_len; ++t) {
       scalar_t* target = out + (r * row_len + t) * D;
+      // 1. Output token t of row r = v * B + b: the first P tokens copy the prefix (CLS/registers).
       if (t < P) {
         std::memcpy(target, prefix + t * D, D * sizeof(scalar_t));
         continue;
       }
+      // 2. The others read token n = idx[v, b, t - P] of sample b (any strides) ...
       const int64_t b = r % B, n = static_cast<int64_t>(idx[r * K + t - P]);
       const scalar_t* source = tokens + b * ts.b + n * ts.n;
+      // 3. ... and add its position embedding, shared ([N, D]) or per sample ([B, N, D]).
       if (pos == nullptr) {
         copy_row(target, source, ts.d, D);
       } else {
@@ -116,13 +119,16 @@ void token_gradient(const BackwardTensors<scalar_t>& t, const BackwardGeometry& 
   if (shared_pos) std::fill(pos_sum, pos_sum + D, 0.0);
   for (int64_t b = 0; b < g.B; ++b) {
     std::fill(sample_sum, sample_sum + D, opmath_t(0));
+    // 1. The slots s = v * K + k that read (b, n): entries offsets[b, n] .. offsets[b, n + 1] of sources[b].
     const int64_t* slots = t.sources + b * g.V * g.K;
     const int64_t begin = t.offsets[b * (g.N + 1) + n], end = t.offsets[b * (g.N + 1) + n + 1];
     for (int64_t o = begin; o < end; ++o) {
+      // 2. Sum those grad_out rows (row v * B + b, token P + k) in the fixed order of the table: deterministic.
       const int64_t v = slots[o] / g.K, k = slots[o] % g.K;
       const scalar_t* row = t.grad_out + ((v * g.B + b) * row_len + g.P + k) * D;
       for (int64_t d = 0; d < D; ++d) sample_sum[d] += static_cast<opmath_t>(row[d]);
     }
+    // 3. That sum is the token's gradient and a per-sample pos's; a shared pos sums it over samples in float64.
     const int64_t token = (b * g.N + n) * D;
     if (t.grad_tokens != nullptr) store_row(t.grad_tokens + token, sample_sum, D);
     if (t.grad_pos != nullptr && t.pos_per_sample) store_row(t.grad_pos + token, sample_sum, D);
@@ -156,6 +162,8 @@ void scatter_views(const BackwardTensors<scalar_t>& t, const BackwardGeometry& g
   {
     std::vector<opmath_t> sample_sum(g.D);
     std::vector<double> cross_sample_sum(g.D);  // shared pos and prefix: sums over samples/rows in float64
+    // Work items: tokens n < N (skipped when neither tokens nor pos want a gradient), then prefix tokens N + p;
+    // each item writes only its own output rows, so threads never collide.
 #pragma omp for schedule(static)
     for (int64_t item = first; item < g.N + prefix_items; ++item) {
       if (item < g.N) {

@@ -55,12 +55,15 @@ inline void gather_byte_segment(const uint8_t* __restrict__ source, uint8_t* __r
   constexpr uint64_t kLow7 = 0x7F7F7F7F7F7F7F7FULL, kHigh1 = 0x8080808080808080ULL;
   for (int w = 0; w < kP / 8; ++w) {
     uint64_t word = 0;
+    // 1. Pack the 8 gathered source bytes into one little-endian word.
     for (int b = 0; b < 8; ++b) {
       word |= static_cast<uint64_t>(source[offsets[8 * w + b]]) << (8 * b);
     }
     if constexpr (kFlip) {
       uint64_t mask;
       std::memcpy(&mask, flip + 8 * w, sizeof(mask));
+      // 2. Flipped bytes: v ^ 0xFF = 255 - v, plus (max + 1) mod 256 gives max - v; unflipped bytes add 0.
+      // 3. A per-byte add without carries between bytes: add the low 7 bits, then xor in the top bits' sum bit.
       const uint64_t lhs = word ^ mask, rhs = add_bytes & mask;
       word = ((lhs & kLow7) + (rhs & kLow7)) ^ ((lhs ^ rhs) & kHigh1);
     }
@@ -83,10 +86,13 @@ void permute_blocks(const scalar_t* x, scalar_t* out, const int64_t* block_offse
       const int64_t* row_blocks = block_offset + (per_sample ? b * n_blocks : 0) + i * grid_w;
       scalar_t* out_rows = out + b * C * H * W + i * p * W;
       for (int64_t j = 0; j < grid_w; ++j) {
+        // 1. Output block (i, j) of image b reads source block src_block[(b,) i * gw + j] (offset table).
         const scalar_t* source = image + row_blocks[j];
         for (int64_t segment = 0; segment < C * p; ++segment) {
           const int64_t c = segment / p, u = segment - c * p, e0 = segment * p;
           scalar_t* target = out_rows + c * H * W + u * W + j * p;
+          // 2. Each of its C * p row segments (p values of one channel and block row) is a memcpy where the sources run
+          //    contiguously, else 8-byte word gathers (uint8, p % 8 == 0), else a value-by-value gather.
           if (segment_is_copy[segment]) {
             std::memcpy(target, source + value_offset[e0], static_cast<size_t>(kP > 0 ? kP : p) * sizeof(scalar_t));
           } else if constexpr (std::is_same_v<scalar_t, uint8_t> && kP > 0 && kP % 8 == 0) {
@@ -156,6 +162,7 @@ torch::Tensor patch_permute(const torch::Tensor& x, const torch::Tensor& src_blo
   const int64_t sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
   TORCH_CHECK((C - 1) * sC + (p - 1) * (sH + sW) < (int64_t{1} << 31),
               "x strides too large for 32-bit in-block offsets");
+  // 1. value_offset[e]: where value src_elem[e] of a block lies relative to the block's corner (x's strides).
   std::vector<int32_t> value_offset(block_values);
   const int64_t* elem = src_elem.data_ptr<int64_t>();
   for (int64_t e = 0; e < block_values; ++e) {
@@ -163,6 +170,7 @@ torch::Tensor patch_permute(const torch::Tensor& x, const torch::Tensor& src_blo
     TORCH_CHECK(s >= 0 && s < block_values, "src_elem[", e, "]=", s, " is out of range [0, ", block_values, ")");
     value_offset[e] = static_cast<int32_t>((s / (p * p)) * sC + ((s / p) % p) * sH + (s % p) * sW);
   }
+  // 2. A segment is a plain copy when its p sources are consecutive in memory and none is flipped.
   std::vector<uint8_t> segment_is_copy(C * p, 0);
   for (int64_t segment = 0; segment < C * p; ++segment) {
     bool copy = sW == 1;
@@ -172,6 +180,7 @@ torch::Tensor patch_permute(const torch::Tensor& x, const torch::Tensor& src_blo
     }
     segment_is_copy[segment] = copy;
   }
+  // 3. block_offset[(b,) n]: the corner of source block src_block[(b,) n] within its image.
   const int64_t n_offsets = src_block.numel();
   std::vector<int64_t> block_offset(n_offsets);
   const int64_t* blocks = src_block.data_ptr<int64_t>();
@@ -181,6 +190,7 @@ torch::Tensor patch_permute(const torch::Tensor& x, const torch::Tensor& src_blo
     block_offset[k] = (m / grid_w) * p * sH + (m % grid_w) * p * sW;
   }
 
+  // 4. One pass over the output, specialised on dtype, flips and p (16, 14, 8 unrolled).
   auto out = torch::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, x.scalar_type(), "patch_permute_cpu", [&] {
     const NegPos<scalar_t> negpos(max_value);

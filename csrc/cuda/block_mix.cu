@@ -60,6 +60,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileM;
   const int col0 = blockIdx.y * kTileN;
   const int pp = g.p * g.p;
+  // 1. Per tile row r = (b, n), once: the int64 base address of its source block src_block[(b,) n] in x and of
+  //    output block n in out (shared memory, read by every loader and by the epilogue).
   if (tid < kTileM) {
     const int64_t r = row0 + tid;
     const bool valid = r < g.rows;
@@ -87,6 +89,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
 
+  // 2. Walk the L inputs in steps of kTileK: stage x_tile[k][row] (gathered through the row's base and value k's
+  //    in-block offset, converted to opmath, 0 past the edges) and m_tile[k][col] = matrix[col0 + col, k].
   for (int k0 = 0; k0 < g.L; k0 += kTileK) {
     const int k = k0 + k_load;
     const bool k_valid = k < g.L;
@@ -102,6 +106,7 @@ __global__ void __launch_bounds__(kThreads)
       m_tile[k_load][col] = (k_valid && i < g.L) ? matrix[static_cast<int64_t>(i) * g.L + k] : opmath_t(0);
     }
     __syncthreads();
+    // 3. Each thread accumulates its kMicro x kMicro outputs: acc[i][j] += x[row_i, k] * matrix[col_j, k].
 #pragma unroll
     for (int kk = 0; kk < kTileK; ++kk) {
       opmath_t a[kMicro], w[kMicro];
@@ -118,6 +123,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
   }
 
+  // 4. Epilogue: output value i_out = (c, u, v) of row r goes to out_base[r] + c*H*W + u*W + v, as
+  //    round(round(scale * acc) + bias) like the reference (mul_rn/add_rn keep nvcc from fusing them).
   const int HW = g.H * g.W;
 #pragma unroll
   for (int j = 0; j < kMicro; ++j) {

@@ -61,6 +61,7 @@ __device__ __forceinline__ void add_column(RowState<acc_t, kViews>& state, acc_t
   acc_t teacher_exp[kViews];
 #pragma unroll
   for (int v = 0; v < kViews; ++v) {
+    // 1. Teacher view v: a new maximum rescales its exp-sum and pair sum by exp(M_old - M_new).
     if (y[v] > state.teacher_max[v]) {
       const acc_t rescale = exp_acc(state.teacher_max[v] - y[v]);  // 0 while the state is empty
       state.teacher_sum[v] *= rescale;
@@ -69,6 +70,7 @@ __device__ __forceinline__ void add_column(RowState<acc_t, kViews>& state, acc_t
     }
     teacher_exp[v] = exp_acc(y[v] - state.teacher_max[v]);
   }
+  // 2. Student: a new maximum m shifts every earlier (m - z) term by (m_new - m_old): D_v += shift * S_v.
   if (z > state.student_max) {
     const bool first = state.student_max == -std::numeric_limits<acc_t>::infinity();
     const acc_t shift = first ? acc_t(0) : z - state.student_max;
@@ -77,6 +79,7 @@ __device__ __forceinline__ void add_column(RowState<acc_t, kViews>& state, acc_t
     for (int v = 0; v < kViews; ++v) state.pair_sum[v] += shift * state.teacher_sum[v];
     state.student_max = z;
   }
+  // 3. Add this column's terms: exp(z - m), and exp(y_v - M_v) * (m - z) >= 0 to each D_v.
   state.student_sum += exp_acc(z - state.student_max);
   const acc_t distance = state.student_max - z;
 #pragma unroll
@@ -94,6 +97,8 @@ __device__ __forceinline__ void merge(RowState<acc_t, kViews>& a, const RowState
     a = b;
     return;
   }
+  // Merging two partial states: bring both to the common maxima (the same rescale and shift as in add_column),
+  // then add.
   const acc_t student_max = fmax(a.student_max, b.student_max);
 #pragma unroll
   for (int v = 0; v < kViews; ++v) {
@@ -175,6 +180,7 @@ __global__ void __launch_bounds__(kThreads) dino_loss_kernel(
 
   RowState<acc_t, kViews> state = empty_state<acc_t, kViews>();
   acc_t z, y[kViews];
+  // 1. Pass 1: each thread folds its strided columns into one online state; the block merges the states.
   for (int64_t k = threadIdx.x; k < n_cols; k += kThreads) {
     load_column(student_row, teacher_sample, center, k, teacher_view_stride, inv_student_temp, inv_teacher_temp, z,
                 y);
@@ -182,6 +188,7 @@ __global__ void __launch_bounds__(kThreads) dino_loss_kernel(
   }
   state = block_merge(state);
 
+  // 2. Row loss = count * log(S_student) + sum_{v != u} D_v / S_v (thread 0 writes it).
   const acc_t target_count = static_cast<acc_t>(u < kViews ? kViews - 1 : kViews);
   if (threadIdx.x == 0) {
     acc_t loss = target_count * log_acc(state.student_sum);
@@ -193,6 +200,7 @@ __global__ void __launch_bounds__(kThreads) dino_loss_kernel(
   }
   if (grad == nullptr) return;
 
+  // 3. Pass 2: re-read the row, q_v = exp(y_v - LSE_v), p = exp(z - LSE_s), grad = scale * (count * p - sum q_v).
   acc_t teacher_lse[kViews];
 #pragma unroll
   for (int v = 0; v < kViews; ++v) teacher_lse[v] = state.teacher_max[v] + log_acc(state.teacher_sum[v]);

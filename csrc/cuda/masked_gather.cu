@@ -62,10 +62,12 @@ __global__ void masked_gather_forward_kernel(const scalar_t* __restrict__ tokens
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   for (int64_t q64 = first; q64 < total_vectors; q64 += stride) {
     const int q = static_cast<int>(q64);  // 32-bit division below: total_vectors < 2^31
+    // 1. Vector q -> output token row (v * B + b, t) and its first feature d.
     const int token_row = q / g.vectors_per_row;
     const int64_t d = static_cast<int64_t>(q - token_row * g.vectors_per_row) * kVec;
     const int r = token_row / g.row_len, t = token_row - r * g.row_len;
     Vector<scalar_t, kVec> value;
+    // 2. Prefix tokens copy prefix[t]; the others load tokens[b, idx[v, b, t - P]] (+ pos, summed in opmath).
     if (t < g.P) {
       value = load_vector<scalar_t, kVec>(prefix + t * g.D + d);
     } else {
@@ -99,6 +101,8 @@ __global__ void __launch_bounds__(32 * kWarps)
   const int64_t row_len = g.P + g.K;
   double total[kPerLane] = {};
   scalar_t* reduced_out = nullptr;
+  // 1. Token item n: each warp sums, per sample b, the grad_out rows the inverse index lists for (b, n), in
+  //    table order; writes grad_tokens[b, n] / a per-sample grad_pos[b, n]; keeps a float64 running total.
   if (item < g.N) {
     const int64_t n = item;
     const bool shared_pos = t.grad_pos != nullptr && !t.pos_per_sample;
@@ -128,6 +132,7 @@ __global__ void __launch_bounds__(32 * kWarps)
     if (!shared_pos) return;  // block-uniform: every thread of the block leaves here
     reduced_out = t.grad_pos + n * g.D;
   } else {
+    // 2. Prefix item p: the warps stride over all V * B output rows, summing column p in float64.
     const int64_t p = item - g.N;
 #pragma unroll 4
     for (int64_t r = warp; r < g.V * g.B; r += kWarps) {
@@ -140,6 +145,8 @@ __global__ void __launch_bounds__(32 * kWarps)
     }
     reduced_out = t.grad_prefix + p * g.D;
   }
+  // 3. The warps' totals meet in shared memory; warp 0 adds them in warp order (deterministic) and writes the
+  //    shared grad_pos[n] or grad_prefix[p].
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) warp_sums[warp][lane + 32 * j] = total[j];
   __syncthreads();

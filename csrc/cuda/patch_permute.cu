@@ -21,6 +21,7 @@ __global__ void patch_permute_kernel(const scalar_t* __restrict__ x, scalar_t* _
                                      const uint8_t* __restrict__ flip, NegPos<scalar_t> negpos, int C, int H, int W,
                                      int p, int64_t stride_b, int64_t stride_c, int64_t stride_h, int64_t stride_w,
                                      int64_t block_table_stride) {
+  // 1. This block's output row (b, c, h): block row i = h / p, row u = h % p inside it.
   const int64_t row = blockIdx.x;
   const int h = static_cast<int>(row % H);
   const int64_t bc = row / H;
@@ -31,13 +32,16 @@ __global__ void patch_permute_kernel(const scalar_t* __restrict__ x, scalar_t* _
   const scalar_t* image = x + b * stride_b;
   scalar_t* out_row = out + row * W;
   for (int w = blockIdx.y * blockDim.x + threadIdx.x; w < W; w += gridDim.y * blockDim.x) {
+    // 2. Output column w: block j = w / p of the row, value e = (c, u, v) of that block.
     const int j = w / p, v = w - j * p, e = c * pp + u * p + v;
+    // 3. Its source: block m = src_block[(b,) i * gw + j], value s = src_elem[e] = (sc, su, sv) of block m.
     const int m = static_cast<int>(row_blocks[j]);
     const int s = static_cast<int>(src_elem[e]);
     const int sc = s / pp, su = (s - sc * pp) / p, sv = s - sc * pp - su * p;
     const int mi = m / grid_w, mj = m - mi * grid_w;
     const scalar_t value = image[sc * stride_c + static_cast<int64_t>(mi * p + su) * stride_h +
                                  static_cast<int64_t>(mj * p + sv) * stride_w];
+    // 4. The negative-positive transform where flip[e], else a copy.
     if constexpr (kFlip) {
       out_row[w] = flip[e] ? negpos(value) : value;
     } else {

@@ -101,6 +101,7 @@ def _run_quick_audit(config: AuditConfig, spec: EncryptionSpec, images: torch.Te
     from ..atomic import write_text
     from ..data import load_dataset
     from ..evaluation.audit.quick import quick_audit
+    from ..evaluation.audit.report import NOT_THESE_IMAGES
 
     patch_size, cipher, ids, public = config.patch_size, None, None, None
     if config.public:
@@ -114,8 +115,7 @@ def _run_quick_audit(config: AuditConfig, spec: EncryptionSpec, images: torch.Te
         ids = torch.arange(start, start + count, dtype=torch.int64)
         expected = spec.encrypt(images[:2], key, patch_size, sample_ids=ids[:2], backend=config.backend)
         if not torch.allclose(expected.double(), cipher[:2].double(), atol=1e-2):
-            raise ValueError("the shard does not hold these images encrypted with this key in this order "
-                             "(pass the --data it was encoded from)")
+            raise ValueError(NOT_THESE_IMAGES)
         if public is None and spec.scheme == "dense":
             count = len(images) - max(1, len(images) // 4)
             images, public, cipher, ids = images[:count], images[count:], cipher[:count], ids[:count]

@@ -17,7 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..protocol.encryption import EncryptionSpec
-from ..keys import Key
+from ..keys import Key, check_key_matches
 from ..server.export import load_exported
 from ..protocol.token_embedding import TokenEmbedder
 from ..vit import build_vit, decrypt_vit, forward_views
@@ -74,9 +74,7 @@ def pretrained_classifier(path: str, key: Key, n_classes: int, *, mean: float, s
     if domain not in DOMAINS:
         raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
     vit, metadata = load_exported(path)
-    if metadata["key_fingerprint"] != key.fingerprint:
-        raise ValueError(f"the key (fingerprint {key.fingerprint}) is not the one {path} was pretrained with "
-                         f"(fingerprint {metadata['key_fingerprint']})")
+    check_key_matches(key, metadata["key_fingerprint"], f"{path} was pretrained")
     if metadata["mode"] == "token":
         H, W = metadata["image_size"]
         embedder = TokenEmbedder.from_key(key, patch_size=metadata["patch_size"], in_chans=metadata["channels"],

@@ -173,7 +173,6 @@ def decrypt_shard(shard, key: Key, indices=None) -> torch.Tensor:
     :class:`~msd_fast.protocol.shards.Shard`): image mode -> the original uint8 images ``[b, C, H, W]``; token mode -> the
     key-embedded tokens in their original order ``[b, N, D]`` (the shard's dtype); a single int index gives that one
     item without the batch dimension. Needs the shard's key."""
-    require_key(key)
     shard = shard if isinstance(shard, Shard) else open_shard(shard)
     shard.check_key(key)
     meta = shard.metadata

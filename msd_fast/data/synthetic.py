@@ -85,6 +85,7 @@ CLASS_NAMES = ("normal", "round_mass", "spiculated_mass", "multiple_nodules", "i
 SPLITS = ("train", "val", "test")
 DEFAULT_COUNT = 2000
 DEFAULT_SIZE = 32
+MIN_SIZE = 16  # the smallest side the anatomy is drawn at
 _CHUNK = 256  # images generated together; fixed, so the stream does not depend on n
 
 
@@ -373,7 +374,7 @@ def synthetic_dataset(n: int = DEFAULT_COUNT, size: int = DEFAULT_SIZE, n_classe
         (int64) and ``class_names``. Deterministic: the same arguments give the same bytes on every machine.
     """
     n = _int_arg(n, "n", 1)
-    size = _int_arg(size, "size", 16)
+    size = _int_arg(size, "size", MIN_SIZE)
     n_classes = _int_arg(n_classes, "n_classes", 2)
     if n_classes > len(CLASS_NAMES):
         raise ValueError(f"n_classes must be at most {len(CLASS_NAMES)}, got {n_classes}")
@@ -402,4 +403,4 @@ def _int_arg(value, name: str, minimum: int) -> int:
     return int(value)
 
 
-__all__ = ["CLASS_NAMES", "DEFAULT_SIZE", "synthetic_dataset"]
+__all__ = ["CLASS_NAMES", "DEFAULT_SIZE", "MIN_SIZE", "synthetic_dataset"]

@@ -12,6 +12,7 @@ import torch
 
 from ..atomic import atomic_write, save_figure, write_text
 from .communication import human_bytes
+from .image_grid import ciphertext_pixels, save_image_columns
 from ..server.logs import plot_loss_curve
 
 METHOD_NAMES = {"ms_dino": "MS-DINO (ours): encrypt once, pretrain, fine-tune",
@@ -205,31 +206,22 @@ def plot_accuracy_vs_communication(rows: list[dict], path: str) -> None:
 
 
 def plot_samples(dataset, key, config, path: str) -> None:
-    """Four images per class (the data the demo uses), and one per class as the server receives it (encrypted)
-    and as the client gets it back (decrypted)."""
-    plt = _pyplot()
+    """Four images per class (the data the demo uses; a row per class, at most 10), and the first of each as the
+    server receives it (encrypted) and as the client gets it back (decrypted)."""
     images, labels = dataset.to_tensor(), torch.as_tensor(dataset.labels)
     classes = sorted(set(labels.tolist()))[:10]
     names = list(dataset.class_names or [str(c) for c in classes])
     spec = config.encryption()
-    columns = 6
-    figure, axes = plt.subplots(len(classes), columns, figsize=(1.5 * columns, 1.55 * len(classes)), dpi=110)
-    axes = np.atleast_2d(axes)
+    blank = torch.full_like(images[:1], 255)
+    samples = [[blank] * 4 for _ in classes]  # [class][sample]: a class with fewer images keeps blank cells
     for row, label in enumerate(classes):
-        picks = images[torch.nonzero(labels == label).view(-1)[:4]]
-        ids = torch.tensor([label])
-        encrypted = spec.encrypt(picks[:1], key, config.patch_size, sample_ids=ids)
-        decrypted = spec.decrypt(encrypted, key, config.patch_size, sample_ids=ids)
-        low, high = encrypted.float().min(), encrypted.float().max()  # a float ciphertext, shown over its range
-        encrypted = ((encrypted.float() - low) / (high - low).clamp_min(1e-6) * 255).round().to(torch.uint8)
-        shown = list(picks) + [encrypted[0], decrypted[0]]
-        for col in range(columns):
-            axis = axes[row, col]
-            axis.axis("off")
-            if col < len(shown):
-                axis.imshow(shown[col].permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=255)
-        axes[row, 0].set_title(names[label] if label < len(names) else str(label), loc="left", fontsize=8)
-    axes[0, columns - 2].set_title("encrypted", fontsize=8)
-    axes[0, columns - 1].set_title("decrypted", fontsize=8)
-    figure.tight_layout()
-    save_figure(figure, path)
+        for col, index in enumerate(torch.nonzero(labels == label).view(-1)[:4].tolist()):
+            samples[row][col] = images[index:index + 1]
+    firsts = torch.cat([row[0] for row in samples])
+    ids = torch.tensor(classes)
+    encrypted = spec.encrypt(firsts, key, config.patch_size, sample_ids=ids)
+    decrypted = spec.decrypt(encrypted, key, config.patch_size, sample_ids=ids)
+    columns = [(f"sample {col + 1}", torch.cat([row[col] for row in samples])) for col in range(4)]
+    columns += [("encrypted", ciphertext_pixels(encrypted)), ("decrypted", decrypted)]
+    save_image_columns(path, columns, row_labels=[names[label] if label < len(names) else str(label)
+                                                  for label in classes])

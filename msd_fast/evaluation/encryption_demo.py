@@ -1,29 +1,24 @@
 """A short, self-contained demonstration of the default encryption (``msd-fast encrypt-demo``).
 
-Encrypts synthetic head phantoms with a consortium key (the dense transform, per-image block orders), decrypts them, tries a wrong key, checks the exact
-model-side transform of a small timm ViT, prints what it did, and writes plain / encrypted / decrypted /
-wrong-key images side by side.
+Encrypts two synthetic chest-CT slices (:mod:`msd_fast.data.synthetic`) with a consortium key (the dense transform,
+per-image block orders), decrypts them, tries a wrong key, checks the exact model-side transform of a small timm ViT,
+prints what it did, and writes plain / encrypted / decrypted / wrong-key images side by side.
 """
 from __future__ import annotations
 
 import os
 import time
 
-import numpy as np
 import torch
 
 from ..backends import resolve_backend
 from ..checks import is_positive_int
 from ..data.convert import MAX_IMAGE_SIDE
-from .image_grid import save_image_columns
+from ..data.synthetic import MIN_SIZE, synthetic_dataset
+from .image_grid import ciphertext_pixels, save_image_columns
 from ..keys import Key
 from ..protocol.encryption import EncryptionSpec
-from ..data.phantom import head_phantom
 from ..vit import encrypt_vit
-
-
-def _to_uint8_batch(images: list) -> torch.Tensor:
-    return torch.from_numpy(np.stack([np.round(im * 255.0) for im in images]).astype(np.uint8))[:, None]
 
 
 def check_geometry(patch_size: int, size: int) -> None:
@@ -31,6 +26,8 @@ def check_geometry(patch_size: int, size: int) -> None:
     for flag, value in (("--patch-size", patch_size), ("--size", size)):
         if not is_positive_int(value):
             raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+    if size < MIN_SIZE:
+        raise ValueError(f"--size must be at least {MIN_SIZE}, got {size}")
     if size > MAX_IMAGE_SIDE:
         raise ValueError(f"--size must be at most {MAX_IMAGE_SIDE}, got {size}")
     if size % patch_size:
@@ -42,7 +39,7 @@ def run(out_dir: str = "demo_out", patch_size: int = 16, size: int = 224, key_pa
     check_geometry(patch_size, size)
     key = Key.load(key_path) if key_path else Key.generate()  # a wrong key path fails before anything is written
     os.makedirs(out_dir, exist_ok=True)
-    x = _to_uint8_batch([head_phantom(size, size, lesion=bool(i % 2)) for i in range(2)])
+    x = synthetic_dataset(2, size=size, n_classes=2).to_tensor()  # a normal slice and one with a round mass
     spec = EncryptionSpec()
     ids = torch.arange(len(x))
     backend = resolve_backend("auto", x.device, "block_mix")
@@ -71,17 +68,16 @@ def run(out_dir: str = "demo_out", patch_size: int = 16, size: int = 224, key_pa
                      - model((x.float() - 127.5) / 64.0)).abs().max().item()
 
     path = os.path.join(out_dir, "encryption_demo.png")
-    low, high = float(y.float().min()), float(y.float().max())
-    shown = ((y.float() - low) / max(high - low, 1e-6) * 255).round().to(torch.uint8)  # float ciphertext, rescaled
-    save_image_columns(path, [("plain", x), ("encrypted", shown), ("decrypted", back), ("wrong key", wrong)])
+    save_image_columns(path, [("plain", x), ("encrypted", ciphertext_pixels(y)), ("decrypted", back),
+                              ("wrong key", wrong)])
     result = dict(
         fingerprint=key.fingerprint, backend=backend, encrypt_ms=encrypt_ms,
         exact=bool(torch.equal(back, x)), wrong_key_changed=float((wrong != x).float().mean()),
         model_gap=model_gap, image=path,
     )
     print(f"key            fingerprint {key.fingerprint} ({'loaded from ' + key_path if key_path else 'fresh'})")
-    print(f"images         {tuple(x.shape)} uint8 head phantoms, patch size {patch_size}: {n_blocks} blocks of "
-          f"{n_values} values")
+    print(f"images         {tuple(x.shape)} uint8 synthetic chest-CT slices, patch size {patch_size}: {n_blocks} "
+          f"blocks of {n_values} values")
     print(f"encryption     {spec.describe()}: every block -> A (x/255 - 1/2), A the key's orthogonal "
           f"{n_values}x{n_values} matrix, then a per-image block order")
     print(f"encrypt        {encrypt_ms:.2f} ms with backend '{backend}' (best of 5, after a first call that derives "

@@ -22,7 +22,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..backends import native_cpu, native_cuda, resolve_backend, triton_kernels
+from ..backends import kernels_for, resolve_backend
 from ..keys import Key, SampleIds, require_key, sample_ids_list
 from ._checks import FLOAT_DTYPES, check_dim, check_dtype, check_positive_int, check_tensor
 from .patch_encryption import IMAGE_DTYPES, blocks_to_image, image_to_blocks, resolve_max_value
@@ -102,13 +102,7 @@ def _block_mix(x: torch.Tensor, matrix: torch.Tensor, src_block: torch.Tensor, b
     name = resolve_backend(backend, x.device, OP_NAME)
     if name == "reference":
         return mix_blocks_reference(x, matrix, src_block, bias, scale, patch_size, out_dtype)
-    if name == "cpu":
-        kernel = native_cpu().block_mix
-    elif name == "cuda":
-        kernel = native_cuda().block_mix
-    else:
-        kernel = triton_kernels().block_mix
-    return kernel(x, matrix, src_block, bias, scale, patch_size, out_dtype)
+    return kernels_for(name).block_mix(x, matrix, src_block, bias, scale, patch_size, out_dtype)
 
 
 @_block_mix.register_fake

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import native_cpu, native_cuda, resolve_backend, triton_kernels
+from ..backends import kernels_for, resolve_backend
 from ._checks import check_dim, check_dtype, check_positive_int, check_same_device, check_tensor
 
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -63,14 +63,6 @@ def _resolved_backend(backend: str, device_type: str) -> str:
     return resolve_backend(backend, torch.device(device_type), OP_NAME)
 
 
-def _kernel(backend: str):
-    if backend == "cpu":
-        return native_cpu().dino_loss
-    if backend == "cuda":
-        return native_cuda().dino_loss
-    return triton_kernels().dino_loss
-
-
 @torch.library.custom_op("msd_fast::dino_loss", mutates_args=())
 def _dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_student_views: int,
                n_teacher_views: int, student_temp: float, teacher_temp: float, compute_grad: bool,
@@ -78,8 +70,8 @@ def _dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tenso
     """Fused kernel call: ``(loss, grad_student)``; the gradient is for ``grad_output = 1`` (``[0]`` if not
     ``compute_grad``)."""
     center = center.to(accumulate_dtype(student.dtype)).contiguous()
-    return _kernel(backend)(student.contiguous(), teacher.contiguous(), center, n_student_views, n_teacher_views,
-                            student_temp, teacher_temp, compute_grad)
+    return kernels_for(backend).dino_loss(student.contiguous(), teacher.contiguous(), center, n_student_views,
+                                          n_teacher_views, student_temp, teacher_temp, compute_grad)
 
 
 @_dino_loss.register_fake

@@ -24,7 +24,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..backends import native_cpu, native_cuda, resolve_backend, triton_kernels
+from ..backends import kernels_for, resolve_backend
 from ._checks import FLOAT_DTYPES, check_dim, check_dtype, check_positive_int, check_same_device, check_tensor
 
 OP_NAME = "masked_gather"
@@ -152,14 +152,6 @@ def inverse_index(idx: torch.Tensor, num_tokens: int) -> tuple:
     return offsets, sources
 
 
-def _kernels(name: str):
-    if name == "cpu":
-        return native_cpu()
-    if name == "cuda":
-        return native_cuda()
-    return triton_kernels()
-
-
 @torch.library.custom_op("msd_fast::masked_gather", mutates_args=())
 def _masked_gather(tokens: torch.Tensor, idx: torch.Tensor, pos: Optional[torch.Tensor],
                    prefix: Optional[torch.Tensor], backend: str) -> torch.Tensor:
@@ -168,7 +160,7 @@ def _masked_gather(tokens: torch.Tensor, idx: torch.Tensor, pos: Optional[torch.
     if name == "reference":
         return masked_gather_reference(tokens, idx, pos, prefix)
     prefix = prefix.contiguous() if prefix is not None else None
-    return _kernels(name).masked_gather_forward(tokens, idx.contiguous(), pos, prefix)
+    return kernels_for(name).masked_gather_forward(tokens, idx.contiguous(), pos, prefix)
 
 
 @_masked_gather.register_fake
@@ -194,7 +186,7 @@ def _masked_gather_backward(grad_out: torch.Tensor, idx: torch.Tensor, num_token
     if grad_out.numel() == 0:  # no views (V = 0 or B = 0) or no features: nothing flows back
         return grad_tokens.zero_(), grad_pos.zero_(), grad_prefix.zero_()
     offsets, sources = inverse_index(idx, num_tokens)
-    _kernels(name).masked_gather_backward(grad_out, offsets, sources, idx.shape[0],
+    kernels_for(name).masked_gather_backward(grad_out, offsets, sources, idx.shape[0],
                                           grad_tokens if tokens_grad else None,
                                           grad_pos if pos_layout != POS_NONE else None,
                                           grad_prefix if prefix_grad else None)

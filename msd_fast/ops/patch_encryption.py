@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from ..backends import native_cpu, native_cuda, resolve_backend, triton_kernels
+from ..backends import kernels_for, resolve_backend
 from ..keys import Key, SampleIds, key_from_handle, require_key, sample_ids_list
 from ._checks import FLOAT_DTYPES, check_dim, check_dtype, check_max_value, check_positive_int, check_tensor
 
@@ -121,13 +121,8 @@ def permute_patches(x: torch.Tensor, tables: PatchTables, patch_size: int, max_v
     if name == "reference":
         return permute_patches_reference(x, tables, patch_size, max_value)
     tables = tables.to(x.device)
-    if name == "cpu":
-        kernel = native_cpu().patch_permute
-    elif name == "cuda":
-        kernel = native_cuda().patch_permute
-    else:
-        kernel = triton_kernels().patch_permute
-    return kernel(x, tables.src_block, tables.src_elem, tables.flip, patch_size, float(max_value))
+    return kernels_for(name).patch_permute(x, tables.src_block, tables.src_elem, tables.flip, patch_size,
+                                           float(max_value))
 
 
 @torch.library.custom_op("msd_fast::patch_encryption", mutates_args=())

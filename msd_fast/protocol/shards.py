@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write, refuse_existing
+from ..keys import check_key_matches
 
 SHARD_FORMAT = "msd_fast.shard"
 SHARD_VERSION = 1
@@ -156,11 +157,9 @@ class Shard:
         self._data = np.memmap(path, dtype=np_dtype, mode="r", offset=offset, shape=(meta.count, *meta.item_shape))
 
     def check_key(self, key) -> None:
-        """Raise ``ValueError`` unless ``key`` (an :class:`~msd_fast.Key`) is the one this shard was encoded with
-        (compared by public fingerprint; the message names both fingerprints, never a secret)."""
-        if self.metadata.key_fingerprint != key.fingerprint:
-            raise ValueError(f"{self.path} was encoded with key fingerprint {self.metadata.key_fingerprint}, not with "
-                             f"this key ({key.fingerprint})")
+        """Raise unless ``key`` is the :class:`~msd_fast.Key` this shard was encoded with (compared by public
+        fingerprint: :func:`~msd_fast.keys.check_key_matches`)."""
+        check_key_matches(key, self.metadata.key_fingerprint, f"{self.path} was encoded")
 
     def __len__(self) -> int:
         return self.metadata.count

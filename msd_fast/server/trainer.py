@@ -5,19 +5,22 @@ the global views (both through the fused :func:`~msd_fast.masked_gather` inside 
 :class:`~msd_fast.DINOLoss`, AdamW with precomputed lr / weight-decay / momentum schedules, gradient clipping,
 last-layer freezing, teacher EMA. The server only ever reads shards: no key is needed or opened.
 
-Reproducibility: data order, views and dropout are drawn from seeds derived from ``(seed, step, rank)``, and a
-checkpoint is written after every epoch, so ``--resume`` after a crash gives the weights of an uninterrupted run.
-Under ``torchrun`` every process draws the *global* batch's views and keeps its slice, BatchNorm statistics and the
-teacher center are all-reduced, and DDP averages gradients: N processes compute what one process with the global
-batch computes.
+Reading order: :meth:`Pretraining.train_step` (one step: :class:`~msd_fast.server.views.Views` -> student and
+teacher forward -> loss -> :meth:`~Pretraining.optimize` -> :meth:`~Pretraining.update_teacher`),
+:meth:`~Pretraining.train_epoch` (its batches and the epoch's record), :meth:`~Pretraining.run` (resume, epochs);
+the bookkeeping (bar, log, checkpoints, loss curve) is :class:`~msd_fast.server.recorder.RunRecorder`'s.
+
+Reproducibility: data order, initial weights, views, augmentation and dropout each have their own seeded stream
+(:mod:`~msd_fast.server.seeds`, derived from ``(seed, step, rank)``), and a checkpoint is written after every
+epoch, so ``--resume`` after a crash gives the weights of an uninterrupted run. Under ``torchrun`` every process
+draws the *global* batch's views and keeps its slice, BatchNorm statistics and the teacher center are all-reduced,
+and DDP averages gradients: N processes compute what one process with the global batch computes.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
-import time
 from typing import Callable, Optional
 
 import numpy as np
@@ -27,26 +30,21 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .dino import DINOLoss
 from ..protocol.encryption import EncryptionSpec
-from ..ops.masked_gather import mark_index_range, sample_views
 from . import distributed
 from .augment import commuting_augmentation
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint
 from .config import PretrainConfig
 from .data import ShardDataset, epoch_batches, steps_per_epoch
 from .model import DINOHead, MaskedSamplingNet, create_backbone
 from .optim import KeyInvariantAdamW
-from .logs import MetricsLog, plot_loss_curve
 from .monitor import collapse_signals
+from .recorder import RunRecorder, StepTimer
 from .schedules import cosine_schedule
+from .seeds import SEED_AUGMENT, SEED_DROP_PATH, SEED_INIT, derived_seed
+from .views import Views, draw_views
 
 CHECKPOINT_NAME = "checkpoint.pt"
-SEED_AUGMENT = 0xA06  # seed domain of the student's input augmentation
 SIGNAL_SAMPLE = 512  # items of the shards the collapse signals are measured on, evenly spaced
-
-
-def derived_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across runs, machines and Python versions)."""
-    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def build_networks(config: PretrainConfig, data: ShardDataset, input_stats: tuple[float, float]):
@@ -58,7 +56,7 @@ def build_networks(config: PretrainConfig, data: ShardDataset, input_stats: tupl
         dim = meta.item_shape[1]
         if overrides.setdefault("embed_dim", dim) != dim:
             raise ValueError(f"embed_dim {overrides['embed_dim']} differs from the token shards' D = {dim}")
-    torch.manual_seed(derived_seed(config.seed, 0xA11))
+    torch.manual_seed(derived_seed(config.seed, SEED_INIT))
 
     def network(drop_path: float) -> MaskedSamplingNet:
         backbone = create_backbone(config.arch, image_size=meta.image_size, patch_size=meta.patch_size,
@@ -100,12 +98,22 @@ def parameter_groups(model: nn.Module, rowwise_embed: bool) -> list[dict]:
     return groups
 
 
-def weight_digest(model: nn.Module) -> int:
-    """A 52-bit digest of every parameter's bytes (exact as a float64): equal digests mean identical weights."""
-    digest = hashlib.blake2b(digest_size=8)
-    for param in model.parameters():
-        digest.update(param.detach().cpu().contiguous().numpy().tobytes())
-    return int.from_bytes(digest.digest(), "little") >> 12
+def build_loss(config: PretrainConfig) -> DINOLoss:
+    """The run's :class:`DINOLoss`: each student view against every teacher (global) view but itself."""
+    return DINOLoss(config.out_dim, config.global_views + config.local_views, config.global_views,
+                    student_temp=config.student_temp, warmup_teacher_temp=config.warmup_teacher_temp,
+                    teacher_temp=config.teacher_temp, warmup_teacher_temp_epochs=config.warmup_teacher_temp_epochs,
+                    n_epochs=config.epochs, center_momentum=config.center_momentum, centering=config.centering)
+
+
+def schedules(config: PretrainConfig, steps_per_epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-step ``(lr, weight decay, teacher momentum)``, each ``[epochs * steps_per_epoch]``: the lr scaled by
+    batch / 256 with a linear warm-up, all three cosine (DINO)."""
+    steps = (config.epochs, steps_per_epoch)
+    lr = cosine_schedule(config.lr * config.batch_size / 256.0, config.min_lr, *steps,
+                         warmup_epochs=config.warmup_epochs)
+    return (lr, cosine_schedule(config.weight_decay, config.weight_decay_end, *steps),
+            cosine_schedule(config.momentum_teacher, 1.0, *steps))
 
 
 def _comparable(config: dict) -> dict:
@@ -137,21 +145,12 @@ class Pretraining:
         self.student_ddp = (DistributedDataParallel(self.student, device_ids=[self.info.device.index]
                                                     if self.info.device.type == "cuda" else None)
                             if self.info.distributed else self.student)
-        n_views = config.global_views + config.local_views
-        self.loss = DINOLoss(config.out_dim, n_views, config.global_views, student_temp=config.student_temp,
-                             warmup_teacher_temp=config.warmup_teacher_temp, teacher_temp=config.teacher_temp,
-                             warmup_teacher_temp_epochs=config.warmup_teacher_temp_epochs, n_epochs=config.epochs,
-                             center_momentum=config.center_momentum, centering=config.centering).to(self.info.device)
+        self.loss = build_loss(config).to(self.info.device)
         self.optimizer = KeyInvariantAdamW(parameter_groups(self.student, config.embed_optimizer == "rowwise"))
-        steps = (config.epochs, self.steps_per_epoch)
-        self.lr = cosine_schedule(config.lr * config.batch_size / 256.0, config.min_lr, *steps,
-                                  warmup_epochs=config.warmup_epochs)
-        self.wd = cosine_schedule(config.weight_decay, config.weight_decay_end, *steps)
-        self.momentum = cosine_schedule(config.momentum_teacher, 1.0, *steps)
+        self.lr, self.wd, self.momentum = schedules(config, self.steps_per_epoch)
         self.bf16 = config.precision == "bf16" or (config.precision == "auto" and self.info.device.type == "cuda")
         self.start_epoch, self.history = 0, []
         self.checkpoint_path = os.path.join(config.out, CHECKPOINT_NAME)
-        self.log: Optional[MetricsLog] = None
 
     # ---- state -------------------------------------------------------------------------------------------------
     def state(self, epoch: int) -> dict:
@@ -175,50 +174,34 @@ class Pretraining:
         self.loss.load_state_dict(state["dino_loss"])
         self.start_epoch, self.history = state["epoch"], list(state["history"])
 
-    # ---- one step ----------------------------------------------------------------------------------------------
-    def views(self, step: int) -> list[torch.Tensor]:
-        """This process's slice of the global batch's views: ``[V, local_batch, K]`` per view group."""
-        config = self.config
-        generator = torch.Generator().manual_seed(derived_seed(config.seed, 0xF1E3, step))
-        groups = [(config.global_views, config.global_keep)]
-        if config.local_views:
-            groups.append((config.local_views, config.local_keep))
-        first = self.info.rank * self.local_batch
-        views = [sample_views(config.batch_size, self.num_tokens, n, keep, generator=generator)
-                 [:, first:first + self.local_batch].to(self.info.device) for n, keep in groups]
-        # In range by construction: spare masked_gather its index-range check (a device sync per call on GPUs).
-        return [mark_index_range(idx, self.num_tokens) for idx in views]
-
+    # ---- one step: views -> student and teacher forward -> loss -> backward -> optimizer -> EMA ----------------
     def train_step(self, inputs: torch.Tensor, epoch: int, step: int) -> float:
-        config = self.config
-        for group in self.optimizer.param_groups:
-            group["lr"] = float(self.lr[step])
-            if group["decayed"]:
-                group["weight_decay"] = float(self.wd[step])
-        torch.manual_seed(derived_seed(config.seed, 0xD50, step, self.info.rank))  # stochastic depth
+        """One optimisation step on this process's ``inputs`` (its slice of the global batch); returns the loss."""
+        self.apply_schedules(step)
+        torch.manual_seed(derived_seed(self.config.seed, SEED_DROP_PATH, step, self.info.rank))
         views = self.views(step)
         with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            student_out = self.student_ddp(self.augment(inputs, step), views)
-            with torch.no_grad():
-                if config.teacher_views == "all":
-                    every = self.teacher.all_tokens(inputs.shape[0], self.num_tokens, inputs.device)
-                    teacher_out = self.teacher(inputs, [every]).repeat(config.global_views, 1)
-                else:
-                    teacher_out = self.teacher(inputs, views[:1])
+            student_out = self.student_ddp(self.augment(inputs, step), views.all)
+            teacher_out = self.teacher_targets(inputs, views)
         loss = self.loss(student_out.float(), teacher_out.float(), epoch)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"the loss is {value} at step {step}; lower --lr or raise --clip-grad")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.clip_grad > 0:
-            nn.utils.clip_grad_norm_(self.student.parameters(), config.clip_grad)
-        if epoch < config.freeze_last_layer:
-            for param in self.student.head.last_layer.parameters():
-                param.grad = None
-        self.optimizer.step()
+        self.optimize(loss, epoch)
         self.update_teacher(step)
         return value
+
+    def apply_schedules(self, step: int) -> None:
+        """Set the step's learning rate, and its weight decay on the decayed groups."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(self.lr[step])
+            if group["decayed"]:
+                group["weight_decay"] = float(self.wd[step])
+
+    def views(self, step: int) -> Views:
+        """This process's slice of the global batch's masked views of ``step``."""
+        return draw_views(self.config, self.num_tokens, step, self.info.rank * self.local_batch, self.local_batch,
+                          self.info.device)
 
     def augment(self, inputs: torch.Tensor, step: int) -> torch.Tensor:
         """The student's inputs: contrast about mid-grey and Gaussian noise, which commute with the encryption
@@ -233,6 +216,27 @@ class Pretraining:
                                       first=self.info.rank * self.local_batch)
 
     @torch.no_grad()
+    def teacher_targets(self, inputs: torch.Tensor, views: Views) -> torch.Tensor:
+        """The teacher's outputs ``[global_views * B, out_dim]``: on the global views, or with ``teacher_views="all"``
+        on every token, repeated once per global view."""
+        if self.config.teacher_views == "all":
+            every = self.teacher.all_tokens(inputs.shape[0], self.num_tokens, inputs.device)
+            return self.teacher(inputs, [every]).repeat(self.config.global_views, 1)
+        return self.teacher(inputs, [views.global_views])
+
+    def optimize(self, loss: torch.Tensor, epoch: int) -> None:
+        """Backward, gradient clipping, last-layer freezing (the first ``freeze_last_layer`` epochs), AdamW step."""
+        config = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.clip_grad > 0:
+            nn.utils.clip_grad_norm_(self.student.parameters(), config.clip_grad)
+        if epoch < config.freeze_last_layer:
+            for param in self.student.head.last_layer.parameters():
+                param.grad = None
+        self.optimizer.step()
+
+    @torch.no_grad()
     def update_teacher(self, step: int) -> None:
         """``teacher <- m * teacher + (1 - m) * student`` with the scheduled momentum ``m``."""
         momentum = float(self.momentum[step])
@@ -240,56 +244,25 @@ class Pretraining:
         torch._foreach_mul_(teacher_params, momentum)
         torch._foreach_add_(teacher_params, [p.detach() for p in self.student.parameters()], alpha=1.0 - momentum)
 
-    # ---- the loop ------------------------------------------------------------------------------------------------
-    def run(self) -> dict:
+    # ---- one epoch: its batches, then its record ------------------------------------------------------------------
+    def train_epoch(self, epoch: int, recorder: RunRecorder) -> dict:
+        """Every step of ``epoch``; returns the epoch's record (mean loss, timing; on the main process also the
+        collapse signals and the monitor's values)."""
         config, info = self.config, self.info
+        timer, losses = StepTimer(config.batch_size), []
+        recorder.start_epoch()
+        for i, batch in enumerate(epoch_batches(len(self.data), config.batch_size, epoch, config.seed)):
+            step = epoch * self.steps_per_epoch + i
+            mine = batch[info.rank * self.local_batch:(info.rank + 1) * self.local_batch]
+            timer.start()
+            losses.append(self.train_step(self.data.take(mine).to(info.device, non_blocking=True), epoch, step))
+            recorder.step(epoch=epoch, step=step, last_of_epoch=i == self.steps_per_epoch - 1, loss=losses[-1],
+                          lr=float(self.lr[step]), weight_decay=float(self.wd[step]),
+                          momentum=float(self.momentum[step]), images_per_s=timer.stop())
+        record = {"epoch": epoch, "loss": float(np.mean(losses)), **recorder.epoch_timing()}
         if info.is_main:
-            os.makedirs(config.out, exist_ok=True)
-        if config.resume and os.path.exists(self.checkpoint_path):
-            self.restore(load_checkpoint(self.checkpoint_path, map_location=info.device))
-        if info.is_main:
-            self.log = MetricsLog(os.path.join(config.out, "log.jsonl"), append=config.resume)
-            self.log.write(event="start", resumed_at_epoch=self.start_epoch, processes=info.world_size,
-                           device=str(info.device), items=len(self.data), steps_per_epoch=self.steps_per_epoch,
-                           key_fingerprint=self.data.metadata.key_fingerprint)
-        self.student.train()
-        self.teacher.train()
-        bar = self._progress_bar()
-        for epoch in range(self.start_epoch, config.epochs):
-            started, losses = time.perf_counter(), []
-            for i, batch in enumerate(epoch_batches(len(self.data), config.batch_size, epoch, config.seed)):
-                step = epoch * self.steps_per_epoch + i
-                mine = batch[info.rank * self.local_batch:(info.rank + 1) * self.local_batch]
-                tick = time.perf_counter()
-                losses.append(self.train_step(self.data.take(mine).to(info.device, non_blocking=True), epoch, step))
-                images_per_s = config.batch_size / (time.perf_counter() - tick)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", lr=f"{self.lr[step]:.2e}",
-                                    img_s=f"{images_per_s:.0f}")
-                if self.log is not None and (step % config.log_every == 0 or i == self.steps_per_epoch - 1):
-                    self.log.write(event="step", epoch=epoch, step=step, loss=losses[-1], lr=float(self.lr[step]),
-                                   weight_decay=float(self.wd[step]), momentum=float(self.momentum[step]),
-                                   images_per_s=images_per_s)
-            seconds = time.perf_counter() - started
-            self.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "seconds": seconds,
-                                 "images_per_s": self.steps_per_epoch * config.batch_size / seconds})
-            if info.is_main:
-                self.history[-1].update(self.epoch_signals(epoch))
-                save_checkpoint(self.state(epoch + 1), self.checkpoint_path)
-                self.log.write(event="epoch", **self.history[-1])
-                plot_loss_curve(self.log.path, os.path.join(config.out, "loss_curve.png"))
-        if bar is not None:
-            bar.close()
-        digests = distributed.gather_floats(float(weight_digest(self.student)), info)
-        summary = {"epochs": config.epochs, "steps": config.epochs * self.steps_per_epoch,
-                   "history": self.history, "checkpoint": self.checkpoint_path,
-                   "processes": info.world_size, "ranks_identical": len(set(digests)) == 1}
-        if self.log is not None:
-            self.log.write(event="end", ranks_identical=summary["ranks_identical"],
-                           final_loss=self.history[-1]["loss"] if self.history else None)
-            self.log.close()
-        return summary
+            record.update(self.epoch_signals(epoch))
+        return record
 
     def epoch_signals(self, epoch: int) -> dict:
         """Collapse signals of the teacher on a fixed sample of the shards, plus the monitor's values."""
@@ -301,14 +274,23 @@ class Pretraining:
             signals.update(self.monitor(self.teacher, epoch))
         return signals
 
-    def _progress_bar(self):
-        if not (self.config.progress and self.info.is_main):
-            return None
-        from tqdm.auto import tqdm
-
-        total = self.config.epochs * self.steps_per_epoch
-        return tqdm(total=total, initial=self.start_epoch * self.steps_per_epoch, desc="pretrain", unit="step",
-                    disable=None, dynamic_ncols=True)
+    # ---- the run: resume, epochs, bookkeeping ---------------------------------------------------------------------
+    def run(self) -> dict:
+        config, info = self.config, self.info
+        if info.is_main:
+            os.makedirs(config.out, exist_ok=True)
+        if config.resume and os.path.exists(self.checkpoint_path):
+            self.restore(load_checkpoint(self.checkpoint_path, map_location=info.device))
+        recorder = RunRecorder(config, info, self.steps_per_epoch, self.start_epoch, self.checkpoint_path)
+        recorder.start(resumed_at_epoch=self.start_epoch, processes=info.world_size, device=str(info.device),
+                       items=len(self.data), key_fingerprint=self.data.metadata.key_fingerprint)
+        self.student.train()
+        self.teacher.train()
+        for epoch in range(self.start_epoch, config.epochs):
+            self.history.append(self.train_epoch(epoch, recorder))
+            if info.is_main:
+                recorder.end_epoch(self.history[-1], self.state(epoch + 1))
+        return recorder.end(self.student, self.history)
 
 
 def pretrain(config: PretrainConfig, monitor: Optional[Callable[[MaskedSamplingNet, int], dict]] = None) -> dict:

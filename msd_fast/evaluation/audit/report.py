@@ -11,6 +11,13 @@ Threat model: an honest-but-curious server. It follows the protocol, holds every
 metadata (geometry, encryption options, the key's fingerprint) and unlimited compute, and wants the images. It never
 holds the key. Attacks: ciphertext-only (the shard alone), known-plaintext (``k`` images with their encryptions, e.g.
 public or leaked studies also in the shard) and, in token mode, the case that the key-derived embedder leaks.
+
+Structure: :func:`run_audit` checks its arguments into an :class:`AuditRun` (images, key, settings, the shard's
+items) and runs every row of :data:`ATTACKS` that applies to it -- one function per attack family (jigsaw on the
+shard, jigsaw reassembly, known-plaintext key tables, dense statistics attack, dense known plaintext, token attacks),
+each returning the rows of one report section. A new attack is one such function plus one row of :data:`ATTACKS`
+(a new section also needs an :class:`AuditReport` field and its table in :meth:`AuditReport.to_markdown`); the
+attack itself goes into its own module of this package, the way ``jigsaw.py`` and ``token_attacks.py`` do.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import json
 import math
 import os
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -61,6 +68,8 @@ KNOWN_PLAINTEXT_CONFIGS = (
 )
 DENSE_SPECS = (EncryptionSpec(scheme="dense", per_sample=False, cipher_dtype="float16"),
                EncryptionSpec(scheme="dense", per_sample=True, cipher_dtype="float16"))
+NOT_THESE_IMAGES = ("the shard does not hold these images encrypted with this key in this order (pass the --data "
+                    "it was encoded from)")
 _SELECT_IMAGES = 64  # images used to pick the symmetry / polarity / channel order of a reassembly
 
 
@@ -450,102 +459,136 @@ def run_audit(images: torch.Tensor, key: Key, *, patch_size: int = 16, known_pai
     afterwards): on a busy 2-core machine that is 2-3x faster than two threads.
     """
     with single_thread():
-        return _audit(images, key, patch_size=patch_size, known_pairs=known_pairs, token_dims=token_dims, method=method,
-                      max_heldout=max_heldout, figure_rows=figure_rows, data_description=data_description,
-                      shard=shard, log=log, backend=backend)
+        audit = _prepare(images, key, patch_size=patch_size, known_pairs=known_pairs, token_dims=token_dims,
+                         method=method, max_heldout=max_heldout, figure_rows=figure_rows,
+                         data_description=data_description, shard=shard, log=log, backend=backend)
+        return _run_attacks(audit)
 
 
-def _audit(images, key, *, patch_size, known_pairs, token_dims, method, max_heldout, figure_rows, data_description,
-           shard, log, backend) -> AuditReport:
-    images = check_images(images, "images", patch_size if shard is None else shard.metadata.patch_size)
-    require_key(key)
-    log = log or (lambda line: None)
-    known_pairs = sorted({int(k) for k in known_pairs})
-    if not known_pairs or known_pairs[0] < 1:
-        raise ValueError(f"known_pairs must be positive ints, got {known_pairs!r}")
-    for name, value in (("max_heldout", max_heldout), ("figure_rows", figure_rows)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    B, C, H, W = images.shape
-    sample_id_start = 0
-    shard_view = None
-    if shard is not None:
-        shard.check_key(key)
-        meta = shard.metadata
-        if meta.count > B or tuple(meta.image_size) != (H, W) or meta.channels != C:
-            raise ValueError(f"shard holds {meta.count} items of {meta.channels}x{meta.image_size[0]}x"
-                             f"{meta.image_size[1]} but images are {B} of {C}x{H}x{W}: pass the data it was "
-                             "encoded from")
-        patch_size = meta.patch_size
-        sample_id_start = int(meta.encryption.get("sample_id_start", 0))
-        images = images[:meta.count]
-        B = meta.count
-        shard_view = shard[0:B]
-        _check_shard_matches(shard_view, images, key, meta, sample_id_start)
-    p = patch_size
-    rows, cols = H // p, W // p
-    N, L = rows * cols, C * p * p
+@dataclasses.dataclass
+class AuditRun:
+    """What every attack of one audit reads: the plain ``images`` (uint8 ``[B, C, H, W]``, in shard order), the
+    ``key`` (to encrypt and to score, never given to an attack), the study's settings, and -- with a shard -- the
+    server's actual view ``shard_view``. Attacks add their reconstructions to ``figure`` and their facts to
+    ``setup`` (the report's setup dict)."""
+
+    images: torch.Tensor
+    key: Key
+    patch_size: int
+    ids: torch.Tensor
+    known_pairs: list
+    token_dims: list
+    method: str
+    max_heldout: int
+    figure_rows: int
+    backend: str
+    log: Callable[[str], None]
+    shard: object
+    shard_view: Optional[torch.Tensor]
+    setup: dict
+    figure: list
+    dense_ciphers: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.images.shape[2] // self.patch_size, self.images.shape[3] // self.patch_size
+
+    @property
+    def blocks(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def block_values(self) -> int:
+        return self.images.shape[1] * self.patch_size**2
+
+    @property
+    def n_attacker(self) -> int:
+        """The attacker's known pairs / public images: the first ``max(known_pairs)`` images."""
+        return max(self.known_pairs)
+
+    @property
+    def heldout(self) -> torch.Tensor:
+        """The images decrypted / inverted by the known-plaintext and token attacks (never the attacker's)."""
+        return torch.arange(self.n_attacker, min(len(self.images), self.n_attacker + self.max_heldout))
+
+    def shard_mode(self) -> Optional[str]:
+        return None if self.shard is None else self.shard.metadata.mode
+
+    def dense_split(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(shard images, their sample ids, same-domain public images)`` of the dense rows."""
+        shard_images, public_images = public_split(self.images)
+        return shard_images, self.ids[:shard_images.shape[0]], public_images
+
+    def dense_cipher(self, spec: EncryptionSpec) -> torch.Tensor:
+        """The dense rows' shard images encrypted with ``spec`` (once per audit)."""
+        if spec not in self.dense_ciphers:
+            shard_images, ids, _ = self.dense_split()
+            self.dense_ciphers[spec] = spec.encrypt(shard_images, self.key, self.patch_size, sample_ids=ids,
+                                                    backend=self.backend)
+        return self.dense_ciphers[spec]
+
+
+# ---- the attack families: one function each (rows of one report section), driven by ATTACKS -----------------------
+
+def _jigsaw_row(audit: AuditRun, name: str, options: dict, encrypted: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Reassemble ``encrypted`` (ciphertext-only) and score it: ``(row, best reconstruction)``."""
+    images, key, p = audit.images, audit.key, audit.patch_size
+    B, N, L = len(images), audit.blocks, audit.block_values
     started = time.perf_counter()
-    known_pairs = [k for k in known_pairs if k <= B // 2]
-    if not known_pairs:
-        raise ValueError(f"{B} images are too few for a known-plaintext study (k <= B / 2 is needed)")
-    n_attacker = max(known_pairs)
-    ids = torch.arange(sample_id_start, sample_id_start + B, dtype=torch.int64)
-    heldout = torch.arange(n_attacker, min(B, n_attacker + max_heldout))
-    figure_pick = heldout[:figure_rows]
-    figure = [("plain", images[figure_pick])]
-    setup = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                 msd_fast=_version(), torch=torch.__version__, threads=torch.get_num_threads(), data=data_description,
-                 images=B, image_shape=[C, H, W], patch_size=p, grid=[rows, cols], blocks=N, block_values=L,
-                 key_fingerprint=key.fingerprint, known_pairs=known_pairs, token_dims=list(token_dims),
-                 method=method, jigsaw_images=B, attacker_images=n_attacker, heldout_images=len(heldout),
-                 shard=None if shard is None else os.path.basename(shard.path), seconds=0.0, section_seconds={})
+    result = jigsaw_attack(encrypted, p, max_value=255.0, method=audit.method, **options)
+    src = (key.sample_block_permutations(N, audit.ids) if options["per_sample"]
+           else key.block_permutation(N).expand(B, N))
+    scored, recon = score_reassembly(result, images, p, src, key.pixel_permutation(L),
+                                     key.negpos_mask(L) if options["negpos"] else None,
+                                     pixel_shuffle=options["pixel_shuffle"], negpos=options["negpos"])
+    scored.update(config=name, block_scramble=True, **options, seconds=time.perf_counter() - started,
+                  received_psnr=set_psnr(encrypted, images), received_ssim=float(ssim(encrypted, images).mean()),
+                  chance_direct=chance_direct_accuracy(*audit.grid),
+                  chance_neighbour=chance_neighbour_accuracy(*audit.grid))
+    audit.log(f"jigsaw: {name}: direct {_percent(scored['direct'])}, neighbour {_percent(scored['neighbour'])}, "
+              f"PSNR {_db(scored['psnr'])} ({scored['seconds']:.1f} s)")
+    return scored, recon
 
-    # -- ciphertext-only jigsaw ------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    configs = list(JIGSAW_CONFIGS)
-    shard_options = None
-    if shard is not None and shard.metadata.mode == "image":
-        e = shard.metadata.encryption
-        shard_options = dict(pixel_shuffle=bool(e["pixel_shuffle"]), negpos=bool(e["negpos"]),
-                             per_sample=bool(e["per_sample"]))
-        if not e["block_scramble"]:
-            raise ValueError("the shard does not scramble blocks: the jigsaw attack needs nothing to reassemble")
-        configs = [(f"this shard ({_describe(shard_options)})", shard_options)] + configs
-    jigsaw_rows = []
-    for name, options in configs:
-        opts = dict(block_scramble=True, **options)
-        encrypted = encrypt_patches(images, key, p, **opts, sample_ids=ids if options["per_sample"] else None)
-        if name.startswith("this shard"):
-            encrypted = shard_view
-        t = time.perf_counter()
-        result = jigsaw_attack(encrypted, p, max_value=255.0, method=method, **options)
-        src = key.sample_block_permutations(N, ids) if options["per_sample"] else key.block_permutation(N).expand(B, N)
-        scored, recon = score_reassembly(result, images, p, src, key.pixel_permutation(L),
-                                         key.negpos_mask(L) if options["negpos"] else None,
-                                         pixel_shuffle=options["pixel_shuffle"], negpos=options["negpos"])
-        scored.update(config=name, **opts, seconds=time.perf_counter() - t,
-                      received_psnr=set_psnr(encrypted, images), received_ssim=float(ssim(encrypted, images).mean()),
-                      chance_direct=chance_direct_accuracy(rows, cols),
-                      chance_neighbour=chance_neighbour_accuracy(rows, cols))
-        jigsaw_rows.append(scored)
+
+def shard_jigsaw_rows(audit: AuditRun) -> list:
+    """Ciphertext-only jigsaw on the shard's own items (the server's actual view), with the shard's options."""
+    encryption = audit.shard.metadata.encryption
+    if not encryption["block_scramble"]:
+        raise ValueError("the shard does not scramble blocks: the jigsaw attack needs nothing to reassemble")
+    options = dict(pixel_shuffle=bool(encryption["pixel_shuffle"]), negpos=bool(encryption["negpos"]),
+                   per_sample=bool(encryption["per_sample"]))
+    row, _ = _jigsaw_row(audit, f"this shard ({_describe(options)})", options, audit.shard_view)
+    return [row]
+
+
+def jigsaw_rows(audit: AuditRun) -> list:
+    """Ciphertext-only jigsaw reassembly of the images encrypted with each of :data:`JIGSAW_CONFIGS`."""
+    pick = audit.heldout[:audit.figure_rows]
+    rows = []
+    for name, options in JIGSAW_CONFIGS:
+        encrypted = encrypt_patches(audit.images, audit.key, audit.patch_size, block_scramble=True, **options,
+                                    sample_ids=audit.ids if options["per_sample"] else None)
+        row, recon = _jigsaw_row(audit, name, options, encrypted)
+        rows.append(row)
         if name == "block + pixel + negative-positive":
-            figure.append(("encrypted (block + pixel + negpos)", encrypted[figure_pick]))
-            figure.append(("jigsaw attack, one key", recon[figure_pick]))
+            audit.figure.append(("encrypted (block + pixel + negpos)", encrypted[pick]))
+            audit.figure.append(("jigsaw attack, one key", recon[pick]))
         if name == "per-sample block + pixel + negative-positive":
-            figure.append(("jigsaw attack, per-sample keys", recon[figure_pick]))
-        log(f"jigsaw: {name}: direct {_percent(scored['direct'])}, neighbour {_percent(scored['neighbour'])}, "
-            f"PSNR {_db(scored['psnr'])} ({scored['seconds']:.1f} s)")
-    setup["section_seconds"]["jigsaw"] = time.perf_counter() - t0
+            audit.figure.append(("jigsaw attack, per-sample keys", recon[pick]))
+    return rows
 
-    # -- known plaintext -------------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    kpa_rows = []
+
+def known_plaintext_table_rows(audit: AuditRun) -> list:
+    """Key-table recovery from ``k`` known pairs for each of :data:`KNOWN_PLAINTEXT_CONFIGS`, scored by decrypting
+    the held-out images (per-sample: recovered pixel tables, then the per-image jigsaw)."""
+    images, key, p, ids, heldout = audit.images, audit.key, audit.patch_size, audit.ids, audit.heldout
+    N, L, known_pairs = audit.blocks, audit.block_values, audit.known_pairs
     victims = images[heldout]
+    rows = []
     for name, options in KNOWN_PLAINTEXT_CONFIGS:
         opts = dict(block_scramble=True, **options)
         encrypted = encrypt_patches(images, key, p, **opts, sample_ids=ids if options["per_sample"] else None)
-        true_blocks = (key.sample_block_permutations(N, ids[:n_attacker]) if options["per_sample"]
+        true_blocks = (key.sample_block_permutations(N, ids[:audit.n_attacker]) if options["per_sample"]
                        else key.block_permutation(N))
         for k in known_pairs:
             tables = recover_key_tables(images[:k], encrypted[:k], p, **opts)
@@ -553,7 +596,7 @@ def _audit(images, key, *, patch_size, known_pairs, token_dims, method, max_held
             if options["per_sample"]:
                 block_order = float((tables.pair_src_block == true_blocks[:k]).double().mean())
                 decrypted = jigsaw_attack(decrypted, p, pixel_shuffle=False, negpos=False, per_sample=True,
-                                          method=method).reconstruction
+                                          method=audit.method).reconstruction
             else:
                 block_order = float((tables.src_block == true_blocks).double().mean())
             entry = dict(config=name, **opts, k=k, block_order=block_order,
@@ -565,53 +608,168 @@ def _audit(images, key, *, patch_size, known_pairs, token_dims, method, max_held
                          exact_pixels=float((decrypted == victims).double().mean()),
                          exact_images=float((decrypted == victims).flatten(1).all(1).double().mean()),
                          received_psnr=set_psnr(encrypted[heldout], victims))
-            kpa_rows.append(entry)
+            rows.append(entry)
             if name == "block + pixel + negative-positive" and k in (known_pairs[0], known_pairs[-1]):
-                figure.append((f"known plaintext, k={k}", decrypted[:figure_rows]))
-            log(f"known plaintext: {name}, k={k}: block order {_percent(block_order)}, held-out PSNR "
-                f"{_db(entry['psnr'])}")
-    setup["section_seconds"]["known_plaintext"] = time.perf_counter() - t0
+                audit.figure.append((f"known plaintext, k={k}", decrypted[:audit.figure_rows]))
+            audit.log(f"known plaintext: {name}, k={k}: block order {_percent(block_order)}, held-out PSNR "
+                      f"{_db(entry['psnr'])}")
+    return rows
 
-    # -- dense transform -------------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    dense_rows, dense_kpa_rows = [], []
-    shard_images, public_images = public_split(images)
-    dense_ids = ids[:shard_images.shape[0]]
-    setup.update(dense_images=int(shard_images.shape[0]), dense_public_images=int(public_images.shape[0]))
-    sweep = sorted({k for k in (1, 2, 4, 8, 16, 32) + tuple(known_pairs) if k <= shard_images.shape[0] // 2})
-    dense_heldout = torch.arange(max(sweep), min(shard_images.shape[0], max(sweep) + max_heldout))
+
+def dense_statistics_rows(audit: AuditRun) -> list:
+    """Ciphertext-only statistics attack on the dense transform (each of :data:`DENSE_SPECS`), with the last
+    quarter of the images as the attacker's same-domain public set."""
+    shard_images, ids, public_images = audit.dense_split()
+    audit.setup.update(dense_images=int(shard_images.shape[0]), dense_public_images=int(public_images.shape[0]))
+    rows = []
     for spec in DENSE_SPECS:
-        cipher = spec.encrypt(shard_images, key, p, sample_ids=dense_ids, backend=backend)
-        dense_rows += statistics_rows(shard_images, cipher, key, spec, p, sample_ids=dense_ids, public=public_images,
-                                      method=method, config=spec.describe(), figure_rows=figure_rows, log=log,
-                                      figure=figure if not spec.per_sample else None)
-        dense_kpa_rows += known_plaintext_rows(shard_images, cipher, key, spec, p, sample_ids=dense_ids,
-                                               known_pairs=sweep, heldout=dense_heldout, method=method,
-                                               config=spec.describe(), log=log, stop_when_recovered=True)
-    setup["section_seconds"]["dense"] = time.perf_counter() - t0
+        rows += statistics_rows(shard_images, audit.dense_cipher(spec), audit.key, spec, audit.patch_size,
+                                sample_ids=ids, public=public_images, method=audit.method, config=spec.describe(),
+                                figure_rows=audit.figure_rows, log=audit.log,
+                                figure=audit.figure if not spec.per_sample else None)
+    return rows
 
-    # -- token mode ------------------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    token_rows = []
-    dims = list(dict.fromkeys(int(d) for d in token_dims))
+
+def dense_known_plaintext_table_rows(audit: AuditRun) -> list:
+    """Known-plaintext recovery of the dense transform's block matrix, ``k`` swept up to the first ``k`` that
+    recovers it."""
+    shard_images, ids, _ = audit.dense_split()
+    n = shard_images.shape[0]
+    sweep = sorted({k for k in (1, 2, 4, 8, 16, 32) + tuple(audit.known_pairs) if k <= n // 2})
+    heldout = torch.arange(max(sweep), min(n, max(sweep) + audit.max_heldout))
+    rows = []
+    for spec in DENSE_SPECS:
+        rows += known_plaintext_rows(shard_images, audit.dense_cipher(spec), audit.key, spec, audit.patch_size,
+                                     sample_ids=ids, known_pairs=sweep, heldout=heldout, method=audit.method,
+                                     config=spec.describe(), log=audit.log, stop_when_recovered=True)
+    return rows
+
+
+def token_attack_rows(audit: AuditRun) -> list:
+    """Token mode, for each width ``D``: position recovery and inversion with a public embedder, with a secret one
+    (tokens only) and with ``k`` known pairs. A token shard's own ``D`` comes first, attacked on its items."""
+    heldout, n_attacker = audit.heldout, audit.n_attacker
+    dims = list(dict.fromkeys(int(d) for d in audit.token_dims))
     shard_tokens = None
-    if shard is not None and shard.metadata.mode == "token":
-        shard_dim = int(shard.metadata.encryption["embed_dim"])
+    if audit.shard_mode() == "token":
+        shard_dim = int(audit.shard.metadata.encryption["embed_dim"])
         dims = [shard_dim] + [d for d in dims if d != shard_dim]
-        shard_tokens = shard_view[heldout].float()
+        shard_tokens = audit.shard_view[heldout].float()
+    rows = []
     for D in dims:
         from_shard = shard_tokens is not None and D == dims[0]
-        rows_of_d = _token_rows(victims, images[:n_attacker], key, embed_dim=D, patch_size=p,
-                                sample_ids=ids[heldout], known_ids=ids[:n_attacker], known_pairs=known_pairs,
-                                max_value=255.0, received=shard_tokens if from_shard else None, figure=figure,
-                                figure_rows=figure_rows, log=log)
+        rows_of_d = _token_rows(audit.images[heldout], audit.images[:n_attacker], audit.key, embed_dim=D,
+                                patch_size=audit.patch_size, sample_ids=audit.ids[heldout],
+                                known_ids=audit.ids[:n_attacker], known_pairs=audit.known_pairs, max_value=255.0,
+                                received=shard_tokens if from_shard else None, figure=audit.figure,
+                                figure_rows=audit.figure_rows, log=audit.log)
         for entry in rows_of_d:
             entry["source"] = "this shard" if from_shard else "simulated"
-        token_rows += rows_of_d
-    setup["section_seconds"]["tokens"] = time.perf_counter() - t0
-    setup["seconds"] = time.perf_counter() - started
-    return AuditReport(setup=setup, jigsaw=jigsaw_rows, known_plaintext=kpa_rows, tokens=token_rows, figure=figure,
-                       dense=dense_rows, dense_known_plaintext=dense_kpa_rows)
+        rows += rows_of_d
+    return rows
+
+
+class Attack(NamedTuple):
+    """One attack family of :func:`run_audit`: when ``applies_to(audit)``, ``run(audit)`` returns JSON-ready rows
+    for the report's ``section`` list (an :class:`AuditReport` field); its time adds to
+    ``setup["section_seconds"][timing or section]``."""
+
+    name: str
+    applies_to: Callable[[AuditRun], bool]
+    run: Callable[[AuditRun], list]
+    section: str
+    timing: str = ""
+
+
+def _always(audit: AuditRun) -> bool:
+    return True
+
+
+# In report order (the figure's columns follow it). A new attack: one function above and one row here (and, for a
+# new section, a field of AuditReport and its table in to_markdown).
+ATTACKS = (
+    Attack("jigsaw on the shard's own items", lambda audit: audit.shard_mode() == "image", shard_jigsaw_rows,
+           "jigsaw"),
+    Attack("jigsaw reassembly", _always, jigsaw_rows, "jigsaw"),
+    Attack("known-plaintext key tables", _always, known_plaintext_table_rows, "known_plaintext"),
+    Attack("dense statistics attack", _always, dense_statistics_rows, "dense"),
+    Attack("dense known plaintext", _always, dense_known_plaintext_table_rows, "dense_known_plaintext", "dense"),
+    Attack("token attacks", _always, token_attack_rows, "tokens"),
+)
+
+
+def _run_attacks(audit: AuditRun) -> AuditReport:
+    """Every row of :data:`ATTACKS` that applies to ``audit``, timed per section, into one report."""
+    started = time.perf_counter()
+    sections = {field.name: [] for field in dataclasses.fields(AuditReport) if field.name not in ("setup", "figure")}
+    seconds = audit.setup["section_seconds"]
+    for attack in ATTACKS:
+        if attack.applies_to(audit):
+            t0 = time.perf_counter()
+            sections[attack.section] += attack.run(audit)
+            timing = attack.timing or attack.section
+            seconds[timing] = seconds.get(timing, 0.0) + time.perf_counter() - t0
+    audit.setup["seconds"] = time.perf_counter() - started
+    return AuditReport(setup=audit.setup, figure=audit.figure, **sections)
+
+
+def _check_arguments(known_pairs, max_heldout: int, figure_rows: int) -> list:
+    """The sorted distinct ``known_pairs``; raises ``ValueError`` naming a bad argument."""
+    known_pairs = sorted({int(k) for k in known_pairs})
+    if not known_pairs or known_pairs[0] < 1:
+        raise ValueError(f"known_pairs must be positive ints, got {known_pairs!r}")
+    for name, value in (("max_heldout", max_heldout), ("figure_rows", figure_rows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return known_pairs
+
+
+def _shard_view(shard, images: torch.Tensor, key: Key) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(images of the shard, its items, first sample id)`` after checking that ``shard`` holds ``images``
+    encoded with ``key``."""
+    shard.check_key(key)
+    meta = shard.metadata
+    B, C, H, W = images.shape
+    if meta.count > B or tuple(meta.image_size) != (H, W) or meta.channels != C:
+        raise ValueError(f"shard holds {meta.count} items of {meta.channels}x{meta.image_size[0]}x"
+                         f"{meta.image_size[1]} but images are {B} of {C}x{H}x{W}: pass the data it was "
+                         "encoded from")
+    sample_id_start = int(meta.encryption.get("sample_id_start", 0))
+    images = images[:meta.count]
+    items = shard[0:meta.count]
+    _check_shard_matches(items, images, key, meta, sample_id_start)
+    return images, items, sample_id_start
+
+
+def _prepare(images, key, *, patch_size, known_pairs, token_dims, method, max_heldout, figure_rows,
+             data_description, shard, log, backend) -> AuditRun:
+    """Check the arguments (and the shard against ``images`` and ``key``) and set the audit up."""
+    images = check_images(images, "images", patch_size if shard is None else shard.metadata.patch_size)
+    require_key(key)
+    known_pairs = _check_arguments(known_pairs, max_heldout, figure_rows)
+    sample_id_start, shard_view = 0, None
+    if shard is not None:
+        images, shard_view, sample_id_start = _shard_view(shard, images, key)
+        patch_size = shard.metadata.patch_size
+    B, C, H, W = images.shape
+    known_pairs = [k for k in known_pairs if k <= B // 2]
+    if not known_pairs:
+        raise ValueError(f"{B} images are too few for a known-plaintext study (k <= B / 2 is needed)")
+    audit = AuditRun(images=images, key=key, patch_size=patch_size,
+                       ids=torch.arange(sample_id_start, sample_id_start + B, dtype=torch.int64),
+                       known_pairs=known_pairs, token_dims=list(token_dims), method=method, max_heldout=max_heldout,
+                       figure_rows=figure_rows, backend=backend, log=log or (lambda line: None), shard=shard,
+                       shard_view=shard_view, setup={}, figure=[])
+    audit.figure.append(("plain", images[audit.heldout[:figure_rows]]))
+    audit.setup.update(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), msd_fast=_version(),
+        torch=torch.__version__, threads=torch.get_num_threads(), data=data_description, images=B,
+        image_shape=[C, H, W], patch_size=patch_size, grid=list(audit.grid), blocks=audit.blocks,
+        block_values=audit.block_values, key_fingerprint=key.fingerprint, known_pairs=known_pairs,
+        token_dims=list(token_dims), method=method, jigsaw_images=B, attacker_images=audit.n_attacker,
+        heldout_images=len(audit.heldout), shard=None if shard is None else os.path.basename(shard.path),
+        seconds=0.0, section_seconds={})
+    return audit
 
 
 def _check_shard_matches(items: torch.Tensor, images: torch.Tensor, key: Key, meta, sample_id_start: int) -> None:
@@ -633,8 +791,7 @@ def _check_shard_matches(items: torch.Tensor, images: torch.Tensor, key: Key, me
             expected = permute_tokens(embedder(images[:n]), key, ids)
         same = bool(torch.allclose(expected, items[:n].float(), rtol=1e-2, atol=2e-2))
     if not same:
-        raise ValueError("the shard does not hold these images encrypted with this key in this order "
-                         "(pass the --data it was encoded from)")
+        raise ValueError(NOT_THESE_IMAGES)
 
 
 def _describe(options: dict) -> str:

@@ -1,0 +1,43 @@
+"""The masked views of one training step, named by group: the teacher sees the global views, the student all."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from ..ops.masked_gather import mark_index_range, sample_views
+from .config import PretrainConfig
+from .seeds import SEED_VIEWS, derived_seed
+
+
+@dataclasses.dataclass(frozen=True)
+class Views:
+    """Token indices of one step's views, int64 ``[V, B, K]`` per group (``K`` kept tokens of ``N``):
+    ``global_views`` (``V = global_views`` of the config, large ``K``) and ``local_views`` (small ``K``; ``None``
+    without local views)."""
+
+    global_views: torch.Tensor
+    local_views: Optional[torch.Tensor] = None
+
+    @property
+    def all(self) -> list[torch.Tensor]:
+        """Every group, global first: the student's input (``DINOLoss`` counts views in this order)."""
+        return [self.global_views] + ([] if self.local_views is None else [self.local_views])
+
+
+def draw_views(config: PretrainConfig, num_tokens: int, step: int, first: int, count: int,
+               device: torch.device) -> Views:
+    """The views of items ``[first, first + count)`` of step ``step``'s global batch, on ``device``. Every process
+    draws the whole global batch's views (seeded by ``(seed, step)``) and keeps its slice, so the split into processes
+    does not change them."""
+    generator = torch.Generator().manual_seed(derived_seed(config.seed, SEED_VIEWS, step))
+
+    def group(n_views: int, keep: float) -> torch.Tensor:
+        idx = sample_views(config.batch_size, num_tokens, n_views, keep, generator=generator)
+        # In range by construction: spare masked_gather its index-range check (a device sync per call on GPUs).
+        return mark_index_range(idx[:, first:first + count].to(device), num_tokens)
+
+    global_views = group(config.global_views, config.global_keep)
+    local_views = group(config.local_views, config.local_keep) if config.local_views else None
+    return Views(global_views, local_views)
