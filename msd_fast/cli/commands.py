@@ -135,7 +135,7 @@ def _add_client_parsers(commands) -> None:
     keygen.set_defaults(run=run_keygen, out_kind="file")
     encode = commands.add_parser("encode", help="client: encrypt a dataset once into the shard to upload")
     add_encode_arguments(encode)
-    encode.set_defaults(run=run_encode, out_kind="file")
+    encode.set_defaults(run=run_encode, out_kind="shards")
 
 
 def _add_pretrain_parsers(commands) -> None:

@@ -43,10 +43,26 @@ def check_out_file(out: str, *, force: bool, flag: str = "--out") -> None:
         refuse_existing(out)
 
 
+def check_out_shards(out: str, *, force: bool, flag: str = "--out") -> None:
+    """``out`` can be written as a shard file or shard-set folder: new, replaced with ``force``, or an unfinished
+    shard set (which the encoding resumes)."""
+    from ..protocol.shard_sets import check_shard_output, is_shard_set
+
+    if not is_shard_set(out):
+        check_out_file(out, force=force, flag=flag)
+        return
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {out} is not writable")
+    check_shard_output(out, overwrite=force)
+
+
 def check_outputs(args: argparse.Namespace) -> None:
-    """The checks a command declared with ``set_defaults(out_kind="folder" | "file")`` on its ``--out``."""
+    """The checks a command declared with ``set_defaults(out_kind="folder" | "file" | "shards")`` on its
+    ``--out``."""
     kind = getattr(args, "out_kind", None)
     if kind == "folder":
         check_out_folder(args.out)
     elif kind == "file":
         check_out_file(args.out, force=getattr(args, "force", False))
+    elif kind == "shards":
+        check_out_shards(args.out, force=getattr(args, "force", False))
