@@ -15,7 +15,7 @@ The target is at most 2 GB peak for both at 100,000 images (float16 ciphertext: 
 disk; the disk is checked first and the output deleted afterwards unless ``--keep``). The parent process then checks
 the first and last images decrypt exactly (with the key, which the load phase never opens).
 
-    python -m bench.scale_check --images 100000 --json scale.json
+    python -m bench.scale_check --images 100000 --json bench/results/<date>-scale-100k.json
     python -m bench.scale_check --images 64 --size 32 --max-shard-size 50kB   # a smoke run (the test)
 """
 from __future__ import annotations
@@ -99,11 +99,11 @@ def load_phase(args: argparse.Namespace) -> dict:
     opened = time.perf_counter()
     mean, std = data.input_stats()
     stats = time.perf_counter()
-    total = 0.0
-    for batch in epoch_batches(len(data), args.batch_size, epoch=0, seed=0):
+    total, batch_size = 0.0, min(args.batch_size, len(data))
+    for batch in epoch_batches(len(data), batch_size, epoch=0, seed=0):
         total += float(data.take(batch)[:, 0, 0, 0].float().sum())  # touch what was read
     epoch = time.perf_counter()
-    read = (len(data) // args.batch_size) * args.batch_size
+    read = (len(data) // batch_size) * batch_size
     return {"phase": "load", "images": len(data), "parts": len(data.shards), "open_verify_seconds": opened - start,
             "input_stats_seconds": stats - opened, "epoch_seconds": epoch - stats, "epoch_images": read,
             "images_per_s": read / (epoch - stats), "open_verify_images_per_s": len(data) / (opened - start),

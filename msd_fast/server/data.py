@@ -1,13 +1,10 @@
 """The server's view of the uploaded data: several shards as one indexable dataset, and epoch batch plans."""
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import torch
 
 from ..protocol.shard_sets import ConcatenatedShards
-from ..protocol.shards import Shard, ShardMetadata
 
 _STATS_SAMPLE = 2048
 _STATS_CHUNK = 64  # items read at a time by the statistics pass
@@ -20,9 +17,6 @@ class ShardDataset(ConcatenatedShards):
 
     ``metadata`` is the common geometry (the first shard's metadata); ``count`` per shard is in ``sizes``.
     """
-
-    def __init__(self, shards: Sequence[Shard], metadata: ShardMetadata):
-        super().__init__(shards, metadata)
 
     def shard_of(self, index: int) -> int:
         return int(self.locate([index])[0][0])
