@@ -213,3 +213,28 @@ def test_sigterm_mid_encoding_keeps_complete_parts_and_the_same_command_finishes
     straight = subprocess.run(command + ["--out", str(tmp_path / "whole")], capture_output=True, text=True, env=env)
     assert straight.returncode == 0, straight.stderr
     assert folder_bytes(tmp_path / "cut") == folder_bytes(tmp_path / "whole")
+
+
+def test_overwrite_turns_a_folder_into_a_file_and_back(tmp_path):
+    out = tmp_path / "x"
+    encode(out)
+    encode(out, max_shard_size="2GB", overwrite=True)  # fits now: one file where the folder was
+    assert out.is_file() and torch.equal(decrypt_shard(str(out), KEY), IMAGES)
+    encode(out, overwrite=True)
+    assert out.is_dir() and len(open_shard_set(out)) == 8 and torch.equal(decrypt_shard(str(out), KEY), IMAGES)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):  # a folder holding anything else is never deleted
+        encode(out, max_shard_size="2GB", overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and len(open_shard_set(out)) == 8
+
+
+def test_a_shard_reads_any_rows_in_order_with_repeats_and_closes(tmp_path):
+    encode(tmp_path / "one.shard", max_shard_size="2GB")
+    shard = open_shard(tmp_path / "one.shard")
+    every = shard[:]
+    rows = [44, 3, 3, 4, 5, 0, 44]
+    assert torch.equal(shard[rows], every[rows]) and torch.equal(shard[7], every[7])
+    assert torch.equal(shard[40:2:-3], every.flip(0)[4:43:3]) and shard[5:5].shape == (0, *every.shape[1:])
+    shard.close()
+    with pytest.raises(ValueError, match="closed"):
+        shard[0]

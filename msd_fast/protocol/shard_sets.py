@@ -240,7 +240,7 @@ class ConcatenatedShards:
         """``(shard, row)`` int64 numpy arrays of global ``indices`` (``IndexError`` outside ``[0, len)``)."""
         flat = np.asarray(torch.as_tensor(indices, dtype=torch.int64).reshape(-1))
         if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
-            raise IndexError(f"dataset indices must be in [0, {len(self)})")
+            raise IndexError(f"index out of range for {len(self)} items: indices must be in [0, {len(self)})")
         shard = np.searchsorted(self._starts, flat, side="right") - 1
         return shard, flat - self._starts[shard]
 
@@ -278,12 +278,17 @@ def check_shard_output(out: Union[str, os.PathLike], *, overwrite: bool) -> None
 
 
 def remove_shard_set(folder: Union[str, os.PathLike]) -> None:
-    """Delete a shard set: its parts, its index and the folder (which must hold nothing else)."""
+    """Delete a shard set: its parts, its index and the folder. A folder that holds anything else is left as it is
+    (``FileExistsError`` naming what)."""
     folder = os.fspath(folder)
     remove_stale_temporaries(folder)
-    for name in os.listdir(folder):
-        if _PART.match(name) or name == INDEX_NAME:
-            os.unlink(os.path.join(folder, name))
+    names = os.listdir(folder)
+    foreign = sorted(name for name in names if not (_PART.match(name) or name == INDEX_NAME))
+    if foreign:
+        raise FileExistsError(f"{folder} holds files that are not part of its shard set ({', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}); refusing to delete it")
+    for name in names:
+        os.unlink(os.path.join(folder, name))
     os.rmdir(folder)
 
 

@@ -170,11 +170,11 @@ class Shard:
         self._item_bytes = int(np.prod(meta.item_shape)) * self._np_dtype.itemsize
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
-    def close(self) -> None:
+    def close(self, _close=os.close) -> None:
         """Close the file (idempotent); reads after it raise ``ValueError``."""
         fd, self._fd = getattr(self, "_fd", -1), -1
         if fd >= 0:
-            os.close(fd)
+            _close(fd)  # bound at definition: still callable while the interpreter shuts down
 
     def __del__(self):
         self.close()
