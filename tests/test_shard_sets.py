@@ -121,8 +121,9 @@ def test_an_interrupted_encoding_resumes_after_its_last_part_byte_for_byte(tmp_p
     (dict(encryption=EncryptionSpec(cipher_dtype="float32")), "different encryption, geometry"),
     (dict(encryption=EncryptionSpec(per_sample=False)), "different encryption, sample-id range"),
     (dict(max_shard_size="6kB"), r"different max_shard_size \(4000 bytes, not 6000\)"),
+    (dict(max_shard_size="1MB"), r"different max_shard_size \(4000 bytes, not 1000000\)"),  # would fit one file
     (dict(client="site-b"), "different client name"),
-], ids=["key", "data", "sample-ids", "dtype", "per-sample", "size", "client"])
+], ids=["key", "data", "sample-ids", "dtype", "per-sample", "size", "one-file", "client"])
 def test_resuming_with_other_settings_is_refused_naming_what_differs(tmp_path, change, message):
     with pytest.raises(KeyboardInterrupt):
         encode(tmp_path / "set", Reader(IMAGES, fail_at=2 * PER_PART))

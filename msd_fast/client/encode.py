@@ -186,8 +186,8 @@ def encode_dataset(images: ImageSet, key: Key, out: str, *, patch_size: int = 16
                 bar.update(done)
                 bar.write(f"resuming {out}: {done} of {count} images were already encoded", file=sys.stderr)
 
-        if len(plan_parts(meta, max_bytes)) == 1:
-            if overwrite and is_shard_set(out):
+        if len(plan_parts(meta, max_bytes)) == 1 and (overwrite or not is_shard_set(out)):
+            if is_shard_set(out):
                 remove_shard_set(out)
             return write_shard(out, encrypted_batches(0, count), meta, overwrite=overwrite)
         return write_shard_set(out, meta, max_bytes, encrypted_batches, data_check, overwrite=overwrite,
