@@ -172,6 +172,11 @@ class Key:
     def _subkey(self, purpose: str) -> bytes:
         return hashlib.blake2b(purpose.encode(), key=self._secret, digest_size=32, person=b"msd_fast-subkey").digest()
 
+    def digest(self, purpose: str, data: bytes) -> str:
+        """A keyed digest of ``data`` (BLAKE2b-256 under the ``purpose`` sub-key), hex: equal data gives equal
+        digests, and without the key it reveals nothing about the data (no guess can be confirmed) or the key."""
+        return hashlib.blake2b(data, key=self._subkey("digest:" + purpose), digest_size=32).hexdigest()
+
     def _keystream(self, purpose: str, n_words: int, *context: int) -> np.ndarray:
         seed = self._subkey(purpose) + struct.pack(f"<{len(context)}Q", *context)
         return np.frombuffer(hashlib.shake_256(seed).digest(8 * n_words), dtype="<u8")

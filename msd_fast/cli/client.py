@@ -12,6 +12,7 @@ from ..client.encode import DEFAULT_EMBED_DIM, MODES, TOKEN_DTYPES, warn_if_weak
 from ..data.convert import check_image_size
 from ..ops._checks import check_positive_int
 from ..protocol.encryption import CIPHER_DTYPES, SCHEMES, EncryptionSpec
+from ..protocol.shard_sets import DEFAULT_MAX_SHARD_SIZE
 from .flags import Part, build_part, check_required, compose, flag, image_size
 
 SPLITS = ("train", "val", "test")
@@ -68,7 +69,8 @@ class EncodeConfig:
     key: Optional[str] = flag(None, "the consortium key file", required=True)
     data: Optional[str] = flag(None, "'synthetic', 'synthetic:N', an image folder, a MedMNIST .npz or a .npy file",
                                required=True)
-    out: Optional[str] = flag(None, "the shard file to write", required=True)
+    out: Optional[str] = flag(None, "the shard file to write (a folder of numbered shards when larger than "
+                                    "--max-shard-size; an unfinished folder is resumed)", required=True)
     patch_size: int = flag(16, "the ViT's patch size")
     image_size: Optional[Union[int, tuple]] = flag(None, "resize to S or HxW, at most 8192 per side", parse=image_size,
                                                    default_text="as stored; synthetic data: 32")
@@ -87,7 +89,9 @@ class EncodeConfig:
     seed: int = flag(0, "seed of the simulated client split")
     batch_size: int = flag(64, "images per batch (memory use is a few batches)")
     device: str = flag("cpu", "where to encrypt (cpu, cuda, cuda:N)")
-    force: bool = flag(False, "replace an existing shard")
+    max_shard_size: str = flag(DEFAULT_MAX_SHARD_SIZE, "largest shard file, e.g. 500MB or 2GB; larger data is "
+                                                       "written as a folder of numbered shards plus index.json")
+    force: bool = flag(False, "replace an existing shard (or shard folder)")
 
     def __post_init__(self):
         check_required(self)
@@ -122,23 +126,32 @@ def run_encode(config: EncodeConfig) -> int:
     from ..client.encode import client_subset, encode_dataset
     from ..data import load_dataset
     from ..keys import Key
+    from ..protocol.shards import open_shards
 
     key = Key.load(config.key)  # before reading any data: a wrong key path fails at once
     images = load_dataset(config.data, size=config.image_size, channels=config.channels, split=config.split)
     if config.simulate:
         images = client_subset(images, config.clients, config.client_index, alpha=config.alpha, seed=config.seed)
-    client = config.client if config.client is not None else os.path.splitext(os.path.basename(config.out))[0]
+    client = config.client if config.client is not None else os.path.splitext(
+        os.path.basename(os.path.normpath(config.out)))[0]
     spec = config.encryption()
     if spec is not None:
         warn_if_weak(spec)
     meta = encode_dataset(images, key, config.out, patch_size=config.patch_size, mode=config.mode, encryption=spec,
                           embed_dim=config.embed_dim, token_dtype=config.token_dtype,
                           sample_id_start=config.sample_id_start, client=client, batch_size=config.batch_size,
-                          overwrite=config.force, device=config.device)
+                          overwrite=config.force, device=config.device, max_shard_size=config.max_shard_size)
     shape = "x".join(map(str, meta.item_shape))
     how = EncryptionSpec.from_metadata(meta.encryption).describe() if meta.mode == "image" else "token mode"
     print(f"encoded {meta.count} images ({'x'.join(map(str, images.geometry))} uint8) of {images.description} with "
           f"{how} (patch {meta.patch_size}) -> {config.out}")
-    print(f"  items {shape} {meta.dtype}, {os.path.getsize(config.out):,} bytes, sha256 {meta.checksum}, "
-          f"key fingerprint {meta.key_fingerprint}, client '{meta.client}'; no labels written")
+    if os.path.isdir(config.out):
+        files = open_shards([config.out], verify=False)[0]
+        size = (f"{len(files)} shards of at most {config.max_shard_size} "
+                f"({sum(os.path.getsize(f.path) for f in files):,} bytes) and index.json, sha256 of the parts' "
+                f"sha256s {meta.checksum}")
+    else:
+        size = f"{os.path.getsize(config.out):,} bytes, sha256 {meta.checksum}"
+    print(f"  items {shape} {meta.dtype}, {size}, key fingerprint {meta.key_fingerprint}, client '{meta.client}'; "
+          f"no labels written")
     return 0

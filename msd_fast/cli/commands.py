@@ -75,7 +75,7 @@ def command_table() -> tuple[Command, ...]:
         Command("keygen", "client: write a new consortium key (prints its fingerprint only)", KeygenConfig,
                 run_keygen, "file"),
         Command("encode", "client: encrypt a dataset once into the shard to upload", EncodeConfig, run_encode,
-                "file"),
+                "shards"),
         Command("pretrain", "server: masked sampling distillation on uploaded shards (run under torchrun for "
                             "several processes)", PretrainConfig, run_pretrain, "folder"),
         Command("export", "server: write the pretrained backbone as timm safetensors", ExportConfig, run_export,

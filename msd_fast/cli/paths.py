@@ -42,9 +42,25 @@ def check_out_file(out: str, *, force: bool, flag: str = "--out") -> None:
         refuse_existing(out)
 
 
+def check_out_shards(out: str, *, force: bool, flag: str = "--out") -> None:
+    """``out`` can be written as a shard file or shard-set folder: new, replaced with ``force``, or an unfinished
+    shard set (which the encoding resumes)."""
+    from ..protocol.shard_sets import check_shard_output, is_shard_set
+
+    if not is_shard_set(out):
+        check_out_file(out, force=force, flag=flag)
+        return
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {out} is not writable")
+    check_shard_output(out, overwrite=force)
+
+
 def check_outputs(config, out_kind: Optional[str]) -> None:
-    """The checks of a command's ``config.out`` for its ``out_kind`` (``"folder"``, ``"file"`` or None)."""
+    """The checks of a command's ``config.out`` for its ``out_kind`` (``"folder"``, ``"file"``, ``"shards"`` or
+    None)."""
     if out_kind == "folder":
         check_out_folder(config.out)
     elif out_kind == "file":
         check_out_file(config.out, force=getattr(config, "force", False))
+    elif out_kind == "shards":
+        check_out_shards(config.out, force=getattr(config, "force", False))

@@ -1,8 +1,10 @@
-"""The client side: make a consortium key, encrypt a dataset once, write the one shard a client uploads.
+"""The client side: make a consortium key, encrypt a dataset once, write the shard (or shard set) a client uploads.
 
 :func:`encode_dataset` streams an :class:`~msd_fast.data.ImageSet` batch by batch through the encryption into
 :func:`~msd_fast.protocol.shards.write_shard` (a temporary file renamed into place when complete), so data larger than memory
-works and nothing half-written is ever left at the output path. Two modes:
+works and nothing half-written is ever left at the output path. Data larger than ``max_shard_size`` becomes a folder
+of numbered parts (:mod:`~msd_fast.protocol.shard_sets`), written part by part; running the same encoding again after
+an interruption continues after the last complete part. Two modes:
 
 * ``image``: the :class:`~msd_fast.protocol.encryption.EncryptionSpec` -- by default the key's dense orthogonal block
   transform with one key-wide block order (``per_sample``: one per image), float16 ``[n, C, H, W]``; the older
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import struct
 import sys
 import warnings
 from typing import Iterator, Optional
@@ -30,7 +33,9 @@ from ..data import DataError, ImageSet, check_patch_size, split_clients
 from ..protocol.encryption import EncryptionSpec
 from ..keys import Key, require_key
 from ..ops.token_permutation import permute_tokens, unpermute_tokens
-from ..protocol.shards import Shard, ShardMetadata, open_shard, shard_metadata, write_shard
+from ..protocol.shard_sets import (DEFAULT_MAX_SHARD_SIZE, ConcatenatedShards, ShardSetIndex, is_shard_set,
+                                   parse_size, plan_parts, remove_shard_set, write_shard_set)
+from ..protocol.shards import Shard, ShardMetadata, open_shards, shard_metadata, write_shard
 from ..protocol.token_embedding import TokenEmbedder
 
 MODES = ("image", "token")
@@ -74,13 +79,20 @@ def encode_dataset(images: ImageSet, key: Key, out: str, *, patch_size: int = 16
                    token_dtype: str = "float16",
                    sample_id_start: Optional[int] = None, client: str = "", batch_size: int = 64,
                    progress: Optional[bool] = None, overwrite: bool = False, device: str = "cpu",
-                   backend: str = "auto") -> ShardMetadata:
+                   backend: str = "auto", max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> ShardMetadata:
     """Encrypt every image of ``images`` once and write the shard ``out``; returns its metadata (with checksum).
+
+    ``out`` is one shard file when it fits in ``max_shard_size``, else a folder of numbered shards with an
+    ``index.json`` (:mod:`~msd_fast.protocol.shard_sets`; the returned metadata then covers every item, its
+    checksum is over the parts'). An unfinished folder is resumed: the same call continues after its last complete
+    part (with ``sample_id_start=None`` it reuses the folder's), after checking that the written parts come from
+    the same key, encryption, sample-id range and data; a mismatch is refused with a ``ValueError`` naming it.
 
     Args:
         images: the client's images (uint8 ``[n, C, H, W]``, read in batches); labels, if any, are ignored.
         key: the consortium key.
-        out: the shard file to create (refused if it exists, unless ``overwrite``).
+        out: the shard file (or shard-set folder) to create (refused if it exists, unless ``overwrite``; an
+            unfinished shard set is resumed).
         patch_size: the ViT's patch size; must divide ``H`` and ``W`` (a :class:`DataError` suggests a resize).
         mode: ``"image"`` (encrypted pixels) or ``"token"`` (key-embedded, per-image permuted tokens).
         encryption: the image-mode :class:`~msd_fast.protocol.encryption.EncryptionSpec` (default: the dense transform
@@ -92,6 +104,7 @@ def encode_dataset(images: ImageSet, key: Key, out: str, *, patch_size: int = 16
         progress: tqdm bar on stderr; None shows it on terminals only.
         device: where the encryption runs (``"cpu"``, ``"cuda"``); the shard is always written from the CPU.
         backend: kernel backend for the encryption ops.
+        max_shard_size: the largest shard file, bytes or text (``"2GB"``, ``"500MB"``).
     """
     if not isinstance(images, ImageSet):
         raise TypeError(f"images must be an msd_fast.data.ImageSet, got {type(images).__name__}")
@@ -105,6 +118,9 @@ def encode_dataset(images: ImageSet, key: Key, out: str, *, patch_size: int = 16
     grid = check_patch_size(images, patch_size)
     C, H, W = images.geometry
     count = len(images)
+    max_bytes = parse_size(max_shard_size)
+    if sample_id_start is None:
+        sample_id_start = _unfinished_sample_id_start(out, overwrite)
     if sample_id_start is None:
         sample_id_start = secrets.randbits(62)
     if isinstance(sample_id_start, bool) or not isinstance(sample_id_start, int) or \
@@ -144,19 +160,44 @@ def encode_dataset(images: ImageSet, key: Key, out: str, *, patch_size: int = 16
                 tokens = permute_tokens(embedder(batch), key, ids, backend=backend)
             return tokens.to(TOKEN_DTYPES[token_dtype])
 
-    def encrypted_batches() -> Iterator[torch.Tensor]:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        start = 0
-        with tqdm(total=count, desc=f"encode {os.path.basename(out)}", unit="img", file=sys.stderr,
-                  disable=None if progress is None else not progress, dynamic_ncols=True) as bar:
-            for batch in images.batches(batch_size):
-                ids = torch.arange(sample_id_start + start, sample_id_start + start + len(batch), dtype=torch.int64)
+    with tqdm(total=count, desc=f"encode {os.path.basename(os.path.normpath(out))}", unit="img", file=sys.stderr,
+              disable=None if progress is None else not progress, dynamic_ncols=True) as bar:
+        def encrypted_batches(first: int, n: int) -> Iterator[torch.Tensor]:
+            """Items ``[first, first + n)`` encrypted, in batches that start at ``first`` (so a resumed part is
+            cut, and therefore computed, exactly as in an uninterrupted run)."""
+            for start in range(first, first + n, batch_size):
+                size = min(batch_size, first + n - start)
+                batch = next(images.batches(size, indices=range(start, start + size)))
+                ids = torch.arange(sample_id_start + start, sample_id_start + start + size, dtype=torch.int64)
                 yield transform(batch.to(device), ids).cpu()
-                start += len(batch)
-                bar.update(len(batch))
+                bar.update(size)
 
-    return write_shard(out, encrypted_batches(), meta, overwrite=overwrite)
+        def data_check(first: int, n: int) -> str:
+            """A keyed digest of a part's size and its first and last plain images (what a resume compares)."""
+            ends = next(images.batches(2, indices=[first, first + n - 1]))
+            return key.digest("shard-set-data", struct.pack("<QQ", first, n) + ends.numpy().tobytes())
+
+        def resumed(done: int) -> None:
+            if done:
+                bar.update(done)
+                bar.write(f"resuming {out}: {done} of {count} images were already encoded", file=sys.stderr)
+
+        if len(plan_parts(meta, max_bytes)) == 1 and (overwrite or not is_shard_set(out)):
+            if is_shard_set(out):
+                remove_shard_set(out)
+            return write_shard(out, encrypted_batches(0, count), meta, overwrite=overwrite)
+        return write_shard_set(out, meta, max_bytes, encrypted_batches, data_check, overwrite=overwrite,
+                               resumed=resumed)
+
+
+def _unfinished_sample_id_start(out: str, overwrite: bool) -> Optional[int]:
+    """The sample-id start of the unfinished shard set at ``out`` (what a resumed run continues with), else None."""
+    if overwrite or not is_shard_set(out):
+        return None
+    index = ShardSetIndex.read(out)
+    return None if index.complete else index.metadata.encryption.get("sample_id_start")
 
 
 def _integer_indices(indices) -> torch.Tensor:
@@ -169,18 +210,23 @@ def _integer_indices(indices) -> torch.Tensor:
 
 
 def decrypt_shard(shard, key: Key, indices=None) -> torch.Tensor:
-    """Undo :func:`encode_dataset` for the items at ``indices`` (default all) of a shard (a path or an opened
-    :class:`~msd_fast.protocol.shards.Shard`): image mode -> the original uint8 images ``[b, C, H, W]``; token mode -> the
-    key-embedded tokens in their original order ``[b, N, D]`` (the shard's dtype); a single int index gives that one
-    item without the batch dimension. Needs the shard's key."""
-    shard = shard if isinstance(shard, Shard) else open_shard(shard)
-    shard.check_key(key)
-    meta = shard.metadata
-    rows = torch.arange(len(shard)) if indices is None else _integer_indices(indices)
+    """Undo :func:`encode_dataset` for the items at ``indices`` (default all) of a shard -- a path (a shard file or
+    a shard-set folder), an opened :class:`~msd_fast.protocol.shards.Shard` or
+    :class:`~msd_fast.protocol.shard_sets.ConcatenatedShards` -- : image mode -> the original uint8 images
+    ``[b, C, H, W]``; token mode -> the key-embedded tokens in their original order ``[b, N, D]`` (the shard's
+    dtype); a single int index gives that one item without the batch dimension. Needs the shard's key."""
+    if isinstance(shard, Shard):
+        source = ConcatenatedShards([shard])
+    elif isinstance(shard, ConcatenatedShards):
+        source = shard
+    else:
+        source = ConcatenatedShards(*open_shards([shard]))
+    source.shards[0].check_key(key)  # compatible shards share one key fingerprint
+    meta = source.metadata
+    rows = torch.arange(len(source)) if indices is None else _integer_indices(indices)
     if rows.dim() == 0:  # one item: decrypted as a batch of one, returned without the batch dimension
-        return decrypt_shard(shard, key, rows.view(1))[0]
-    items = shard[rows]
-    ids = meta.encryption.get("sample_id_start", 0) + rows
+        return decrypt_shard(source, key, rows.view(1))[0]
+    items, ids = source.take(rows), source.sample_ids(rows)
     if meta.mode == "token":
         return unpermute_tokens(items, key, ids)
     return EncryptionSpec.from_metadata(meta.encryption).decrypt(items, key, meta.patch_size, sample_ids=ids)

@@ -5,7 +5,9 @@ A shard is a valid safetensors file holding one tensor ``data`` (``[count, *item
 public fingerprint, the encryption options and a SHA-256 of the data bytes. :func:`write_shard` streams batches to
 disk (datasets larger than memory work): it reserves the header, writes the data while hashing it, then fills in the
 checksum, all in a temporary file renamed into place at the end. :func:`open_shard` checks the header, the file
-length and (by default) the checksum before anything is used, and memory-maps the data.
+length and (by default) the checksum before anything is used; items are then read on demand (positional reads, never
+the whole file). A client's data larger than ``max_shard_size`` is several shards in one folder
+(:mod:`~msd_fast.protocol.shard_sets`).
 """
 from __future__ import annotations
 
@@ -113,6 +115,11 @@ def _header_bytes(meta: ShardMetadata) -> bytes:
     return raw + b" " * (-len(raw) % 8)  # safetensors pads the header with spaces to 8-byte alignment
 
 
+def shard_file_size(meta: ShardMetadata) -> int:
+    """The exact size in bytes of the file :func:`write_shard` makes for ``meta`` (length prefix, header, data)."""
+    return 8 + len(_header_bytes(dataclasses.replace(meta, checksum=_CHECKSUM_PLACEHOLDER))) + meta.nbytes
+
+
 def write_shard(path: str | os.PathLike, batches: Iterable[torch.Tensor], meta: ShardMetadata, *,
                 overwrite: bool = False) -> ShardMetadata:
     """Stream ``batches`` (tensors ``[b, *meta.item_shape]`` of ``meta.dtype``, ``meta.count`` items in all) into a
@@ -148,13 +155,52 @@ def write_shard(path: str | os.PathLike, batches: Iterable[torch.Tensor], meta: 
 
 
 class Shard:
-    """An opened, verified shard: ``metadata``, ``len(shard)``, ``shard[i:j]`` (a tensor copy of those items) and
-    :meth:`batches`. The data stays memory-mapped: opening a shard larger than memory is fine."""
+    """An opened, verified shard: ``metadata``, ``len(shard)``, ``shard[i:j]`` / ``shard[rows]`` (a tensor copy of
+    those items), :meth:`read` and :meth:`batches`.
+
+    Items are read on demand with positional reads (``pread``) into fresh buffers; nothing is memory-mapped or
+    cached, so a shard larger than memory is fine and reading every item once (an epoch) keeps the process's
+    resident memory at one batch. (A memory map would count every page it touched in the process's RSS: an epoch over
+    10 GB of shards would show 10 GB resident, which schedulers and the OOM killer charge to the job.) The file stays
+    open until :meth:`close` (or garbage collection); positional reads are safe to share with forked workers."""
 
     def __init__(self, path: str, meta: ShardMetadata, offset: int):
         self.path, self.metadata = path, meta
-        np_dtype = _DTYPES[meta.dtype][1]
-        self._data = np.memmap(path, dtype=np_dtype, mode="r", offset=offset, shape=(meta.count, *meta.item_shape))
+        self._offset = offset
+        self._np_dtype = np.dtype(_DTYPES[meta.dtype][1])
+        self._item_bytes = int(np.prod(meta.item_shape)) * self._np_dtype.itemsize
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def close(self, _close=os.close) -> None:
+        """Close the file (idempotent); reads after it raise ``ValueError``."""
+        fd, self._fd = getattr(self, "_fd", -1), -1
+        if fd >= 0:
+            _close(fd)  # bound at definition: still callable while the interpreter shuts down
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self) -> "Shard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Items at ``rows`` (int64 numpy ``[b]``, each in ``[0, len)``, any order, repeats allowed), as a new numpy
+        array ``[b, *item_shape]``: one positional read per run of consecutive rows."""
+        if self._fd < 0:
+            raise ValueError(f"{self.path}: shard is closed")
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(rows), *self.metadata.item_shape), dtype=self._np_dtype)
+        if not len(rows):
+            return out
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for first, end in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(rows)]])):
+            _pread_exactly(self._fd, memoryview(flat[first:end]).cast("B"),
+                           self._offset + int(rows[first]) * self._item_bytes, self.path)
+        return out
 
     def check_key(self, key) -> None:
         """Raise unless ``key`` is the :class:`~msd_fast.Key` this shard was encoded with (compared by public
@@ -167,11 +213,12 @@ class Shard:
     def __getitem__(self, index) -> torch.Tensor:
         """Items as a tensor copy: an int, a slice, or a sequence/tensor of indices in ``[0, len)``."""
         if isinstance(index, slice):
-            return torch.from_numpy(np.array(self._data[index]))
+            return torch.from_numpy(self.read(np.arange(len(self))[index]))
         rows = torch.as_tensor(index, dtype=torch.int64)
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= len(self)):
             raise IndexError(f"shard index out of range for {len(self)} items")
-        return torch.from_numpy(np.array(self._data[rows.numpy()]))
+        items = self.read(rows.numpy().reshape(-1))
+        return torch.from_numpy(items.reshape(*rows.shape, *self.metadata.item_shape))
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         for start in range(0, len(self), batch_size):
@@ -181,6 +228,16 @@ class Shard:
         m = self.metadata
         return (f"Shard({self.path!r}, mode={m.mode}, count={m.count}, item_shape={m.item_shape}, dtype={m.dtype}, "
                 f"key_fingerprint={m.key_fingerprint[:16]}...)")
+
+
+def _pread_exactly(fd: int, buffer: memoryview, offset: int, path: str) -> None:
+    """Fill ``buffer`` from ``fd`` at ``offset`` (looping over short reads); a file that ends early is an error."""
+    done = 0
+    while done < len(buffer):
+        n = os.preadv(fd, [buffer[done:done + _CHUNK]], offset + done)
+        if n == 0:
+            raise ShardError(f"{path}: file ended early (was it truncated after it was opened?)")
+        done += n
 
 
 def read_metadata(path: str | os.PathLike) -> tuple[ShardMetadata, int]:
@@ -244,8 +301,11 @@ def check_compatible(shards: Sequence[Shard]) -> ShardMetadata:
 
 
 def open_shards(paths: Sequence[str | os.PathLike], *, verify: bool = True) -> tuple[list[Shard], ShardMetadata]:
-    """Open and verify several shards and check they can be trained on together."""
-    shards = [open_shard(p, verify=verify) for p in paths]
+    """Open and verify several shards and check they can be trained on together. A path may be a shard file or a
+    shard-set folder (:mod:`~msd_fast.protocol.shard_sets`: its parts, in order); no file may come twice."""
+    from .shard_sets import shard_files  # the folder format builds on this module
+
+    shards = [open_shard(p, verify=verify) for p in shard_files(paths)]
     return shards, check_compatible(shards)
 
 
@@ -259,4 +319,4 @@ def shard_metadata(*, mode: str, count: int, item_shape: Sequence[int], dtype: s
 
 
 __all__ = ["SHARD_FORMAT", "SHARD_VERSION", "Shard", "ShardError", "ShardMetadata", "check_compatible",
-           "open_shard", "open_shards", "read_metadata", "shard_metadata", "write_shard"]
+           "open_shard", "open_shards", "read_metadata", "shard_file_size", "shard_metadata", "write_shard"]

@@ -18,7 +18,8 @@ from ..cli.flags import flag
 
 @dataclass
 class PretrainConfig:
-    shards: list = flag(None, "shard files uploaded by the clients (same geometry and key fingerprint)", positional=True)
+    shards: list = flag(None, "shard files or shard-set folders uploaded by the clients (same geometry and key "
+                              "fingerprint)", positional=True)
     out: str = flag("pretrain_out", "output folder: checkpoint.pt, log.jsonl, loss_curve.png")
     arch: str = flag("vit_tiny_patch16_224", "any timm VisionTransformer name (patch and image size come from "
                                            "the shards)")

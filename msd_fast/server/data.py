@@ -1,61 +1,38 @@
 """The server's view of the uploaded data: several shards as one indexable dataset, and epoch batch plans."""
 from __future__ import annotations
 
-import bisect
-from typing import Sequence
-
 import numpy as np
 import torch
 
-from ..protocol.shards import Shard, ShardMetadata, open_shards
+from ..protocol.shard_sets import ConcatenatedShards
 
 _STATS_SAMPLE = 2048
+_STATS_CHUNK = 64  # items read at a time by the statistics pass
 
 
-class ShardDataset:
-    """The items of compatible shards, concatenated: ``len()``, ``take(indices) -> tensor [b, *item_shape]``.
+class ShardDataset(ConcatenatedShards):
+    """The items of compatible shards (files, or every part of a shard-set folder), concatenated: ``len()``,
+    ``take(indices) -> tensor [b, *item_shape]``, read lazily (only the rows asked for; see
+    :class:`~msd_fast.protocol.shard_sets.ConcatenatedShards`), so the server's memory does not grow with the data.
 
     ``metadata`` is the common geometry (the first shard's metadata); ``count`` per shard is in ``sizes``.
     """
 
-    def __init__(self, shards: Sequence[Shard], metadata: ShardMetadata):
-        self.shards, self.metadata = list(shards), metadata
-        self.sizes = [len(s) for s in self.shards]
-        self._starts = np.cumsum([0] + self.sizes).tolist()
-
-    @classmethod
-    def open(cls, paths: Sequence[str], *, verify: bool = True) -> "ShardDataset":
-        """Open and verify shard files; raises ``ShardError`` on corrupt or mismatched shards."""
-        shards, metadata = open_shards(paths, verify=verify)
-        return cls(shards, metadata)
-
-    def __len__(self) -> int:
-        return self._starts[-1]
-
-    def take(self, indices: torch.Tensor) -> torch.Tensor:
-        """Items at global ``indices`` (int64 ``[b]``), in that order, as one tensor."""
-        indices = indices.tolist()
-        parts, order = [], []
-        for shard_id, shard in enumerate(self.shards):
-            lo, hi = self._starts[shard_id], self._starts[shard_id + 1]
-            mine = [(pos, i - lo) for pos, i in enumerate(indices) if lo <= i < hi]
-            if mine:
-                order += [pos for pos, _ in mine]
-                parts.append(shard[[row for _, row in mine]])
-        if len(order) != len(indices):
-            raise IndexError(f"dataset indices must be in [0, {len(self)})")
-        batch = torch.cat(parts)
-        return batch[torch.argsort(torch.tensor(order))]
-
     def shard_of(self, index: int) -> int:
-        return bisect.bisect_right(self._starts, index) - 1
+        return int(self.locate([index])[0][0])
 
     def input_stats(self) -> tuple[float, float]:
         """Scalar mean and std over a fixed, evenly spaced sample of items: the server's input standardisation
-        (computed from the encrypted data itself, so it needs no key and is identical on every process)."""
+        (computed from the encrypted data itself, so it needs no key and is identical on every process). Streams the
+        sample in chunks of ``_STATS_CHUNK`` items (two passes, float64: mean, then squared deviations), so its
+        memory is a few items whatever their size."""
         picks = torch.linspace(0, len(self) - 1, min(len(self), _STATS_SAMPLE)).round().long().unique()
-        values = self.take(picks).double()
-        return float(values.mean()), float(values.std().clamp_min(1e-6))
+        chunks = picks.split(_STATS_CHUNK)
+        n = picks.numel() * int(np.prod(self.metadata.item_shape))
+        mean = sum(float(self.take(chunk).double().sum()) for chunk in chunks) / n
+        squares = sum(float((self.take(chunk).double() - mean).square().sum()) for chunk in chunks)
+        std = (squares / max(n - 1, 1)) ** 0.5
+        return mean, max(std, 1e-6)
 
 
 def steps_per_epoch(n_items: int, batch_size: int) -> int:
