@@ -208,9 +208,9 @@ def load_labelled_data(args: argparse.Namespace, metadata: Optional[dict]) -> tu
     else:
         fraction = _fraction(DEFAULT_TEST_FRACTION if args.test_fraction is None else args.test_fraction,
                              "--test-fraction", closed=False)
-        train_rows, test_rows = train_test_split(data.labels, fraction, seed=args.seed)
+        train_rows, test_rows = train_test_split(data.labels, fraction, seed=args.seed, groups=data.groups)
         train, test = data.subset(train_rows), data.subset(test_rows)
-        held_out = f"{fraction:g} of --data"
+        held_out = f"{fraction:g} of --data" + (" (patient-level)" if data.groups is not None else "")
     if metadata is not None:
         expected = (metadata["channels"], *metadata["image_size"])
         if train.geometry != expected:
@@ -376,7 +376,8 @@ def run_fedavg(args: argparse.Namespace) -> int:
     random_arch = _architecture(args, metadata, train.geometry)
     test_images = test.to_tensor()
     splits = []
-    for c, rows in enumerate(split_clients(train.labels, args.clients, alpha=args.alpha, seed=args.seed)):
+    for c, rows in enumerate(split_clients(train.labels, args.clients, alpha=args.alpha, seed=args.seed,
+                                           groups=train.groups)):
         client = labelled_fraction(train.subset(rows), args.label_fraction, args.seed + c)
         splits.append(LabelledSplit(client.to_tensor(), client.labels, test_images, test.labels, info["n_classes"]))
     info.update(n_train=sum(len(s.train_labels) for s in splits), label_fraction=args.label_fraction,

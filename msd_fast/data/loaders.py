@@ -318,47 +318,133 @@ def load_npz(path: PathLike, *, split: str = "train", layout: Optional[str] = No
 
 # ---- one entry point -----------------------------------------------------------------------------------------------
 
+SPEC_OPTIONS = ("window", "axis")
+
+
 def load_dataset(spec, *, size: Size = None, channels: Optional[int] = None, split: str = "train", labels=None,
-                 layout: Optional[str] = None, high_bit_depth: str = "per_image") -> ImageSet:
+                 layout: Optional[str] = None, high_bit_depth: str = "per_image", window=None,
+                 axis: Optional[str] = None) -> ImageSet:
     """Open a dataset from a spec.
 
     Args:
         spec: ``"synthetic"`` (the embedded dataset, 2000 images) or ``"synthetic:N"``; a folder of PNG/JPEG/TIFF
             (class sub-folders or flat, see :func:`load_folder`); a MedMNIST-format ``.npz``; a ``.npy`` of images;
-            or an array (see :func:`from_arrays`).
+            a DICOM file or a folder of DICOM files (:mod:`msd_fast.data.dicom`); a NIfTI volume ``.nii``/``.nii.gz``
+            or a folder of them (:mod:`msd_fast.data.nifti`); a CSV manifest ``.csv`` (``path,label[,patient_id]``,
+            :mod:`msd_fast.data.manifest`); or an array (see :func:`from_arrays`).
+            A string spec may end in options ``?key=value[&key=value]`` -- ``window`` and ``axis`` below -- so that
+            every command's ``--data`` takes them, e.g. ``--data ct_folder?window=lung`` or
+            ``--data scans.csv?window=-600,1500&axis=coronal`` (quote it in a shell: ``?`` and ``&`` are special).
+            A path that exists as written (``?`` included) is taken as a path.
         size: resize to this (int or ``(H, W)``); for the synthetic set, the generated side (default 32).
         channels: 1 or 3: convert gray <-> RGB (default: keep; synthetic: 1).
         split: ``"train"``, ``"val"`` or ``"test"``: the ``.npz`` split, the folder's split sub-folder, or an
             independent synthetic draw.
         labels: labels for a ``.npy`` spec or array (a ``.npy`` path or an array).
         layout, high_bit_depth: see :func:`from_arrays` and :mod:`msd_fast.data.convert`.
+        window: DICOM and NIfTI intensity window: None (DICOM: the file's Window Center/Width tags; NIfTI: a
+            per-volume percentile window), ``"percentile"``, a CT preset (``lung``, ``mediastinum``, ``abdomen``,
+            ``liver``, ``bone``, ``brain``, ``subdural``, ``stroke``) or ``"C,W"`` (see :mod:`msd_fast.data.window`).
+        axis: NIfTI slicing axis after reorientation to RAS: ``"axial"`` (default), ``"coronal"`` or ``"sagittal"``.
 
     Returns:
-        An :class:`ImageSet` (uint8). Raises :class:`DataError` naming the file and the problem.
+        An :class:`ImageSet` (uint8); DICOM, NIfTI and manifest sets carry ``groups`` (and, where known,
+        ``patient_ids``/``study_ids``) so that splits keep a patient's images together. Raises :class:`DataError`
+        naming the file and the problem.
     """
     if isinstance(spec, (np.ndarray, torch.Tensor)):
+        _no_medical_options(window, axis, "an array")
         return from_arrays(spec, labels, layout=layout, size=size, channels=channels, high_bit_depth=high_bit_depth)
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"spec must be a string, a path or an array, got {type(spec).__name__}")
-    text = os.fspath(spec)
-    if labels is not None and not text.lower().endswith(".npy"):
+    text, options = _spec_options(os.fspath(spec))
+    for name, given in (("window", window), ("axis", axis)):
+        if given is not None and name in options:
+            raise DataError(f"{spec}: {name} is given twice (in the spec and as {name}=); keep one")
+    window, axis = options.get("window", window), options.get("axis", axis)
+    lower = text.lower()
+    if labels is not None and not lower.endswith(".npy"):
         raise ValueError("labels= is only used with a .npy spec or an array (other formats carry their labels)")
     if text == "synthetic" or text.startswith("synthetic:"):
+        _no_medical_options(window, axis, text)
         return _synthetic_spec(text, size, channels, split)
     if not os.path.exists(text):
         raise DataError(f"{text}: no such file or folder (a data spec is 'synthetic', 'synthetic:N', an image folder, "
-                        "a .npz or a .npy file)")
+                        "a .npz or .npy file, DICOM, NIfTI or a .csv manifest)")
+    from . import dicom, manifest, nifti  # imported on use: pydicom and nibabel load only for medical data
+    from .sources import is_nifti
+
     options = dict(size=size, channels=channels, high_bit_depth=high_bit_depth)
+    medical = dict(size=size, channels=channels, window=window)
+    kind = _medical_kind(text, dicom, nifti, is_nifti)
+    if kind is not None and split != "train":
+        raise DataError(f"{text}: {kind} data has no splits; split={split!r} needs a .npz or a folder with split "
+                        "sub-folders (held-out sets of patients come from the patient-level split)")
+    if kind == "manifest":
+        return manifest.load_manifest(text, axis=axis, high_bit_depth=high_bit_depth, **medical)
+    if kind == "NIfTI":
+        return nifti.load_nifti(text, axis=axis, **medical)
+    if axis is not None:
+        raise DataError(f"{spec}: axis= applies to NIfTI volumes (and manifests listing them)")
+    if kind == "DICOM":
+        return dicom.load_dicom(text, **medical)
+    _no_medical_options(window, axis, text)
     if os.path.isdir(text):
         return load_folder(text, split=split, **options)
-    lower = text.lower()
     if lower.endswith(".npz"):
         return load_npz(text, split=split, layout=layout, **options)
     if lower.endswith(".npy"):
         if split != "train":
             raise DataError(f"{text}: a .npy file has no splits; split={split!r} needs a .npz or a folder")
         return load_npy(text, labels=labels, layout=layout, **options)
-    raise DataError(f"{text}: unsupported data file (expected a folder, a .npz or a .npy file)")
+    raise DataError(f"{text}: unsupported data file (expected a folder, a .npz, .npy, DICOM, .nii/.nii.gz or .csv "
+                    "file)")
+
+
+def _spec_options(text: str) -> tuple[str, dict[str, str]]:
+    """``"path?window=lung&axis=axial"`` -> ``("path", {"window": "lung", "axis": "axial"})``."""
+    if "?" not in text or os.path.exists(text):
+        return text, {}
+    path, _, query = text.rpartition("?")
+    options: dict[str, str] = {}
+    for item in query.split("&"):
+        name, equals, value = item.partition("=")
+        name = name.strip().lower()
+        if not equals or not value.strip():
+            raise DataError(f"{text}: option {item!r} must be key=value (options: {', '.join(SPEC_OPTIONS)})")
+        if name not in SPEC_OPTIONS:
+            raise DataError(f"{text}: unknown option {name!r} (options: {', '.join(SPEC_OPTIONS)})")
+        if name in options:
+            raise DataError(f"{text}: option {name!r} is given twice")
+        options[name] = value.strip()
+    return path, options
+
+
+def _medical_kind(text: str, dicom, nifti, is_nifti) -> Optional[str]:
+    """``"manifest"``, ``"NIfTI"``, ``"DICOM"`` or None (image folder, array file) for an existing path. A folder is
+    NIfTI or DICOM only when it holds no image files (.png, ...)."""
+    if os.path.isdir(text):
+        if _has_images(text):
+            return None
+        volumes, series = nifti.nifti_files(text), dicom.dicom_files(text)
+        if volumes and series:
+            raise DataError(f"{text}: holds both NIfTI volumes ({volumes[0]}) and DICOM files ({series[0]}); use one "
+                            "kind per folder, or list them in a .csv manifest")
+        return "NIfTI" if volumes else "DICOM" if series else None
+    lower = text.lower()
+    if lower.endswith(".csv"):
+        return "manifest"
+    if is_nifti(text):
+        return "NIfTI"
+    if not lower.endswith((".npz", ".npy")) and dicom.is_dicom_file(text):
+        return "DICOM"
+    return None
+
+
+def _no_medical_options(window, axis, what: str) -> None:
+    for name, value in (("window", window), ("axis", axis)):
+        if value is not None:
+            raise DataError(f"{what}: {name}= applies to DICOM and NIfTI data (and manifests listing them)")
 
 
 def _synthetic_spec(text: str, size: Size, channels: Optional[int], split: str) -> ImageSet:

@@ -286,9 +286,10 @@ class Demo:
     def split(self, dataset: ImageSet, seed: int) -> SeedData:
         config = self.config
         images, labels = dataset.to_tensor(), torch.as_tensor(dataset.labels).long()
-        train, test = train_test_split(labels, config.test_fraction, seed=seed)
-        clients = [train[rows] for rows in split_clients(labels[train], config.clients, alpha=config.alpha,
-                                                          seed=seed)]
+        groups = dataset.groups  # patients (DICOM, NIfTI, manifests): each stays on one side and with one client
+        train, test = train_test_split(labels, config.test_fraction, seed=seed, groups=groups)
+        clients = [train[rows] for rows in split_clients(labels[train], config.clients, alpha=config.alpha, seed=seed,
+                                                          groups=None if groups is None else groups[train.numpy()])]
         return SeedData(images, labels, test, clients, int(labels.max()) + 1)
 
     def consortium_key(self) -> Key:
