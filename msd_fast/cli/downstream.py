@@ -27,8 +27,8 @@ import torch
 from ..atomic import write_text
 from ..checks import resolve_device
 from ..client.encode import _image_size
-from ..data import (DataError, ImageSet, check_patch_size, label_fraction_subset, load_dataset, split_clients,
-                    train_test_split)
+from ..data import (SPEC_HELP, DataError, ImageSet, check_patch_size, label_fraction_subset, load_dataset,
+                    split_clients, train_test_split)
 from ..data.convert import check_image_size
 from ..keys import Key
 from ..server.export import read_export_metadata
@@ -49,8 +49,8 @@ ARCH_FLAGS = ("depth", "embed_dim", "num_heads", "patch_size")
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True,
-                        help="labelled data: 'synthetic', 'synthetic:N', an image folder with class sub-folders, "
-                             "a MedMNIST .npz or a .npy (with labels)")
+                        help=f"labelled data (class sub-folders, a labelled .npz, a .npy with labels, a manifest "
+                             f"with a label column): {SPEC_HELP}")
     parser.add_argument("--split", default="train", choices=("train", "val", "test"),
                         help="split of --data to train on (.npz / split folders / synthetic draw; default train)")
     held_out = parser.add_mutually_exclusive_group()

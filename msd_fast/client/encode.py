@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..data import DataError, ImageSet, check_patch_size, load_dataset, split_clients
+from ..data import SPEC_HELP, DataError, ImageSet, check_patch_size, load_dataset, split_clients
 from ..data.convert import check_image_size
 from ..protocol.encryption import CIPHER_DTYPES, SCHEMES, EncryptionSpec
 from ..keys import Key, require_key
@@ -219,7 +219,7 @@ def _image_size(text: str):
 def add_encode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", required=True, help="the consortium key file")
     parser.add_argument("--data", required=True,
-                        help="'synthetic', 'synthetic:N', an image folder, a MedMNIST .npz or a .npy file")
+                        help=SPEC_HELP)
     parser.add_argument("--out", required=True, help="the shard file to write")
     parser.add_argument("--patch-size", type=int, default=16, help="the ViT's patch size (default 16)")
     parser.add_argument("--image-size", type=_image_size, default=None,

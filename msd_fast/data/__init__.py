@@ -13,8 +13,8 @@ Errors about the data itself are :class:`DataError` (a ``ValueError``) naming th
 from .convert import convert_channels, resize_images, to_uint8
 from .dicom import load_dicom
 from .imageset import DataError, ImageSet
-from .loaders import (IMAGE_EXTENSIONS, check_patch_size, decode_image, from_arrays, load_dataset, load_folder,
-                      load_npy, load_npz)
+from .loaders import (IMAGE_EXTENSIONS, SPEC_HELP, check_patch_size, decode_image, from_arrays, load_dataset,
+                      load_folder, load_npy, load_npz)
 from .manifest import load_manifest
 from .nifti import load_nifti
 from .splits import label_fraction_subset, split_clients, train_test_split
@@ -25,6 +25,7 @@ __all__ = [
     "CLASS_NAMES",
     "DataError",
     "IMAGE_EXTENSIONS",
+    "SPEC_HELP",
     "WINDOW_PRESETS",
     "ImageSet",
     "check_patch_size",

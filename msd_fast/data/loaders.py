@@ -319,6 +319,10 @@ def load_npz(path: PathLike, *, split: str = "train", layout: Optional[str] = No
 # ---- one entry point -----------------------------------------------------------------------------------------------
 
 SPEC_OPTIONS = ("window", "axis")
+#: What a data spec may be, for ``--data`` help texts.
+SPEC_HELP = ("'synthetic[:N]', an image folder, a MedMNIST .npz, a .npy, DICOM files or a DICOM folder, a NIfTI "
+             ".nii/.nii.gz (or a folder of them), or a .csv manifest (path,label[,patient_id]); DICOM/NIfTI options "
+             "ride on the value: 'PATH?window=lung' (or percentile, C,W) '&axis=coronal'")
 
 
 def load_dataset(spec, *, size: Size = None, channels: Optional[int] = None, split: str = "train", labels=None,

@@ -25,7 +25,7 @@ import torch
 
 from ..checks import resolve_device
 from ..client.encode import encode_dataset, warn_if_weak
-from ..data import ImageSet, label_fraction_subset, load_dataset, split_clients, train_test_split
+from ..data import SPEC_HELP, ImageSet, label_fraction_subset, load_dataset, split_clients, train_test_split
 from ..data.convert import check_image_size
 from ..client import Recipe
 from . import FedAvgSettings, LabelledSplit, build_classifier, fedavg_baseline, finetune_and_evaluate, probe
@@ -43,8 +43,8 @@ from ..protocol.shards import open_shard
 @dataclasses.dataclass
 class DemoConfig:
     out: str = flag("demo_out", "report folder (also holds the demo's key, shards, checkpoints and models)")
-    data: str = flag("synthetic:2400", "labelled data: synthetic[:N], an image folder with class sub-folders, a "
-                                     "MedMNIST .npz or a .npy")
+    data: str = flag("synthetic:2400", f"labelled data (class sub-folders, a labelled .npz, a manifest with labels): "
+                                     f"{SPEC_HELP}")
     image_size: Optional[int] = flag(None, "resize images to this side (synthetic: generated at this side, "
                                            "default 32)")
     clients: int = flag(3, "simulated clients")

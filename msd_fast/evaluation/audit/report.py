@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ...atomic import write_text
+from ...data.loaders import SPEC_HELP
 from ..image_grid import save_image_columns
 from ...keys import Key, require_key
 from ...ops.patch_encryption import blocks_to_image, encrypt_patches, image_to_blocks
@@ -671,8 +672,7 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", default=None, help="the consortium key file (default: a fresh key; the attacks "
                                                     "never use it, it only encrypts and scores)")
     parser.add_argument("--data", default="synthetic:256",
-                        help="the plain images: 'synthetic[:N]', an image folder, a .npz or a .npy "
-                             "(default synthetic:256)")
+                        help=f"the plain images: {SPEC_HELP} (default synthetic:256)")
     parser.add_argument("--shard", default=None,
                         help="a shard encoded from --data with --key: attack the server's actual view (its options "
                              "and patch size)")
