@@ -152,6 +152,28 @@ def test_multi_frame_files_give_one_image_per_frame(tmp_path):
     np.testing.assert_array_equal(gray(dose), linear_exact(values, (low + high) / 2, high - low))
 
 
+def test_enhanced_multi_frame_uses_per_frame_rescale_and_windows(tmp_path):
+    frames = np.stack([np.arange(16, dtype=np.int16).reshape(4, 4) * (f + 1) for f in range(3)])
+    path = write_dicom(tmp_path / "enhanced.dcm", frames)
+    ds = pydicom.dcmread(path)
+    shared, transform = Dataset(), Dataset()
+    transform.RescaleSlope, transform.RescaleIntercept = 2, -10
+    shared.PixelValueTransformationSequence = [transform]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for f in range(3):
+        voi, item = Dataset(), Dataset()
+        voi.WindowCenter, voi.WindowWidth = 10 * (f + 1), 20 * (f + 1)
+        item.FrameVOILUTSequence = [voi]
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    ds.save_as(path)
+    values = frames * 2.0 - 10
+    expected = np.stack([linear(values[f], 10 * (f + 1), 20 * (f + 1)) for f in range(3)])
+    np.testing.assert_array_equal(gray(load_dataset(str(path))), expected)
+    np.testing.assert_array_equal(gray(load_dataset(str(path), window="0,50")), linear_exact(values, 0, 50))
+
+
 def test_colour_dicom_multi_frame_ybr_is_rgb():
     images = load_dataset(sample("examples_ybr_color.dcm"))
     assert len(images) == 30 and images.geometry == (3, 240, 320)

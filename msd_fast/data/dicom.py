@@ -4,10 +4,10 @@ What happens to the pixels, in order:
 
 1. decode (compressed transfer syntaxes need a decoder package; a missing one is named when the dataset is opened);
    a multi-frame file gives one image per frame, in frame order;
-2. monochrome images: the modality transform (Rescale Slope/Intercept, or a Modality LUT) to physical units --
-   Hounsfield units for CT;
+2. monochrome images: the modality transform (Rescale Slope/Intercept, or a Modality LUT; in enhanced multi-frame
+   files each frame's Pixel Value Transformation) to physical units -- Hounsfield units for CT;
 3. the intensity window (``window=``, see :mod:`msd_fast.data.window`): by default the file's Window Center/Width
-   tags, else the ``[P0.5, P99.5]`` percentile window of the file;
+   tags (enhanced files: each frame's Frame VOI LUT), else the ``[P0.5, P99.5]`` percentile window of the file;
 4. MONOCHROME1 (white = low values) is inverted after windowing, so that bright always means high;
 5. colour (RGB, YBR_* converted to RGB, PALETTE COLOR through its lookup table) is scaled from Bits Stored to
    8 bits; windows do not apply to colour images.
@@ -134,28 +134,53 @@ def scan_dicom(path: str, window, *, in_folder: bool) -> Optional[Source]:
     return Source(path, _frames(dataset, path), int(rows), int(columns), colour, patient, study, group)
 
 
-def file_window(dataset, path: str) -> Optional[Window]:
-    """The window of the file's first Window Center/Width values (top level, or the shared functional groups of an
+def _functional_item(dataset, frame: int, sequence: str):
+    """The first item of ``sequence`` for ``frame`` of an enhanced multi-frame file: its per-frame functional group,
+    else the shared one; None when neither has it (or the file is not enhanced)."""
+    for holder, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        groups = dataset.get(holder)
+        if groups is not None and index < len(groups) and groups[index].get(sequence):
+            return groups[index].get(sequence)[0]
+    return None
+
+
+def _first(value) -> float:
+    return float(value[0]) if hasattr(value, "__len__") and not isinstance(value, str) else float(value)
+
+
+def file_window(dataset, path: str, frame: int = 0) -> Optional[Window]:
+    """The window of the file's first Window Center/Width values (top level, else ``frame``'s Frame VOI LUT of an
     enhanced multi-frame file) with its VOI LUT Function; None if the file has none."""
-    holder = dataset
-    if "WindowCenter" not in dataset and "SharedFunctionalGroupsSequence" in dataset:
-        shared = dataset.SharedFunctionalGroupsSequence[0]
-        if "FrameVOILUTSequence" in shared:
-            holder = shared.FrameVOILUTSequence[0]
-    if "WindowCenter" not in holder or "WindowWidth" not in holder:
+    holder = dataset if "WindowCenter" in dataset else _functional_item(dataset, frame, "FrameVOILUTSequence")
+    if holder is None or "WindowCenter" not in holder or "WindowWidth" not in holder:
         return None
-    first = (lambda value: float(value[0]) if hasattr(value, "__len__") and not isinstance(value, str) else float(value))
     function = _text(holder, "VOILUTFunction").upper() or "LINEAR"
     try:
-        return Window(first(holder.WindowCenter), first(holder.WindowWidth), function)
+        return Window(_first(holder.WindowCenter), _first(holder.WindowWidth), function)
     except (TypeError, ValueError, IndexError) as error:
         raise DataError(f"{path}: bad Window Center/Width tags ({error})") from None
+
+
+def physical_values(dataset, pixels: np.ndarray) -> np.ndarray:
+    """Stored monochrome values ``[frames, H, W]`` -> physical units (float64): the Modality LUT or Rescale
+    Slope/Intercept at the top level, else each frame's Pixel Value Transformation (enhanced multi-frame files)."""
+    from pydicom.pixels import apply_modality_lut
+
+    if "RescaleSlope" in dataset or dataset.get("ModalityLUTSequence"):
+        return np.asarray(apply_modality_lut(pixels, dataset), dtype=np.float64)
+    values = pixels.astype(np.float64)
+    for frame in range(len(values)):
+        item = _functional_item(dataset, frame, "PixelValueTransformationSequence")
+        if item is not None:
+            values[frame] = values[frame] * _first(item.get("RescaleSlope", 1) or 1) + _first(
+                item.get("RescaleIntercept", 0) or 0)
+    return values
 
 
 def decode_dicom(path: str, window) -> torch.Tensor:
     """All images of one DICOM file as uint8 ``[frames, C, H, W]`` (``C`` = 1 monochrome, 3 colour), processed as
     the module docstring says. ``window``: a parsed window option (None, ``"percentile"`` or a :class:`Window`)."""
-    from pydicom.pixels import apply_color_lut, apply_modality_lut
+    from pydicom.pixels import apply_color_lut
 
     dataset = _read(path, pixels=True)
     photometric = _text(dataset, "PhotometricInterpretation")
@@ -174,10 +199,15 @@ def decode_dicom(path: str, window) -> torch.Tensor:
         image = (pixels.astype(np.uint8) if bits == 8 else
                  np.floor(np.clip(pixels * (255.0 / (2 ** bits - 1)), 0, 255) + 0.5).astype(np.uint8))
         return torch.from_numpy(np.ascontiguousarray(image.transpose(0, 3, 1, 2)))
-    values = np.asarray(apply_modality_lut(pixels, dataset), dtype=np.float64)
-    if window is None:
-        window = file_window(dataset, path) or PERCENTILE
-    image = apply_window(values, percentile_window(values) if window == PERCENTILE else window)
+    values = physical_values(dataset, pixels)
+    if isinstance(window, Window):
+        windows = [window] * frames
+    else:
+        windows = [None if window == PERCENTILE else file_window(dataset, path, frame) for frame in range(frames)]
+        if any(w is None for w in windows):  # the percentile window over all frames of the file
+            fallback = percentile_window(values)
+            windows = [fallback if w is None else w for w in windows]
+    image = np.stack([apply_window(values[frame], windows[frame]) for frame in range(frames)])
     if photometric == "MONOCHROME1":
         image = 255 - image
     return torch.from_numpy(np.ascontiguousarray(image[:, None]))
