@@ -28,7 +28,7 @@ import torch
 
 from .convert import Size, check_channels, parse_size
 from .imageset import DataError, ImageSet
-from .sources import Source, assemble, resize_and_convert, walk_files
+from .sources import MultiImageFileReader, Source, assemble, walk_files
 from .window import PERCENTILE, Window, apply_window, parse_window, percentile_window
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -213,38 +213,10 @@ def decode_dicom(path: str, window) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image[:, None]))
 
 
-class DicomReader:
-    """Reader decoding DICOM files into uint8 ``[b, C, H, W]``; the last file decoded is cached (frames of one
-    multi-frame file are read together)."""
-
-    def __init__(self, sources: list, geometry: tuple, size: Optional[tuple], window):
-        self.sources, self.geometry, self.size, self.window = sources, tuple(geometry), size, window
-        self.starts = np.cumsum([0] + [s.count for s in sources])
-        self._cached: tuple[int, Optional[torch.Tensor]] = (-1, None)
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def _file(self, index: int) -> torch.Tensor:
-        if self._cached[0] != index:
-            path = self.sources[index].path
-            self._cached = (index, resize_and_convert(decode_dicom(path, self.window), self.geometry, self.size, path))
-        return self._cached[1]
-
-    def read(self, rows: np.ndarray) -> torch.Tensor:
-        out = torch.empty((len(rows), *self.geometry), dtype=torch.uint8)
-        files = np.searchsorted(self.starts, rows, side="right") - 1
-        for i, (row, index) in enumerate(zip(rows, files)):
-            out[i] = self._file(int(index))[int(row - self.starts[index])]
-        return out
-
-    def describe(self) -> str:
-        return f"{len(self.sources)} DICOM files"
-
-
 def dicom_reader_factory(window):
     """A reader factory for :func:`~msd_fast.data.sources.assemble` with this (parsed) window."""
-    return lambda sources, geometry, size: DicomReader(sources, geometry, size, window)
+    return lambda sources, geometry, size: MultiImageFileReader(
+        sources, geometry, size, lambda path: decode_dicom(path, window), "DICOM")
 
 
 def scan_dicom_paths(paths: Sequence[str], window, *, in_folder: bool, what: str) -> list[Source]:

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from .convert import (Size, check_channels, check_high_bit_depth, convert_channels, parse_size, resize_images,
                       to_uint8)
 from .imageset import DataError, ImageSet, Indices
+from .sources import Source, common_geometry, resize_and_convert
 from .synthetic import DEFAULT_COUNT, DEFAULT_SIZE, SPLITS, synthetic_dataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -74,15 +75,10 @@ class FileReader:
         return len(self.paths)
 
     def read(self, rows: np.ndarray) -> torch.Tensor:
-        C, H, W = self.geometry
-        out = torch.empty((len(rows), C, H, W), dtype=torch.uint8)
+        out = torch.empty((len(rows), *self.geometry), dtype=torch.uint8)
         for i, row in enumerate(rows):
             path = self.paths[int(row)]
-            image = convert_channels(resize_images(decode_image(path, self.high_bit_depth), self.size), C)
-            if tuple(image.shape[2:]) != (H, W):
-                raise DataError(f"{path}: decoded as {image.shape[2]}x{image.shape[3]}, expected {H}x{W} (did the "
-                                "file change after the dataset was opened?)")
-            out[i] = image[0]
+            out[i] = resize_and_convert(decode_image(path, self.high_bit_depth), self.geometry, self.size, path)[0]
         return out
 
     def describe(self) -> str:
@@ -145,19 +141,8 @@ def load_folder(folder: PathLike, *, size: Size = None, channels: Optional[int] 
     if not paths:
         raise DataError(f"{folder}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
 
-    headers = [_read_header(p) for p in paths]
-    sizes: dict[tuple[int, int], str] = {}
-    for path, (height, width, _) in zip(paths, headers):
-        sizes.setdefault((height, width), path)
-    if size is None and len(sizes) > 1:
-        (s1, p1), (s2, p2) = list(sizes.items())[:2]
-        raise DataError(f"{folder}: images have different sizes ({p1} is {s1[0]}x{s1[1]}, {p2} is {s2[0]}x{s2[1]}"
-                        f"{f', {len(sizes) - 2} more sizes' if len(sizes) > 2 else ''}); pass size= "
-                        "(--image-size) to resize them all")
-    height, width = size or next(iter(sizes))
-    if channels is None:
-        channels = 3 if any(colour for _, _, colour in headers) else 1
-    reader = FileReader(paths, (channels, height, width), size, high_bit_depth, folder)
+    headers = [Source(path, 1, *_read_header(path)) for path in paths]
+    reader = FileReader(paths, common_geometry(headers, size, channels, folder), size, high_bit_depth, folder)
     return ImageSet(reader, labels, class_names)
 
 

@@ -30,7 +30,7 @@ import torch
 
 from .convert import Size, check_channels, parse_size
 from .imageset import DataError, ImageSet
-from .sources import Source, assemble, is_nifti, resize_and_convert, walk_files
+from .sources import MultiImageFileReader, Source, assemble, is_nifti, walk_files
 from .window import PERCENTILE, apply_window, parse_window, percentile_window
 
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
@@ -110,38 +110,10 @@ def volume_slices(path: str, axis: int, window) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(windowed[:, None]))
 
 
-class NiftiReader:
-    """Reader cutting NIfTI volumes into uint8 slices ``[b, C, H, W]``; the last volume read is cached."""
-
-    def __init__(self, sources: list, geometry: tuple, size: Optional[tuple], window, axis: int):
-        self.sources, self.geometry, self.size, self.window, self.axis = sources, tuple(geometry), size, window, axis
-        self.starts = np.cumsum([0] + [s.count for s in sources])
-        self._cached: tuple[int, Optional[torch.Tensor]] = (-1, None)
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def _volume(self, index: int) -> torch.Tensor:
-        if self._cached[0] != index:
-            path = self.sources[index].path
-            slices = resize_and_convert(volume_slices(path, self.axis, self.window), self.geometry, self.size, path)
-            self._cached = (index, slices)
-        return self._cached[1]
-
-    def read(self, rows: np.ndarray) -> torch.Tensor:
-        out = torch.empty((len(rows), *self.geometry), dtype=torch.uint8)
-        volumes = np.searchsorted(self.starts, rows, side="right") - 1
-        for i, (row, index) in enumerate(zip(rows, volumes)):
-            out[i] = self._volume(int(index))[int(row - self.starts[index])]
-        return out
-
-    def describe(self) -> str:
-        return f"{len(self.sources)} NIfTI volumes"
-
-
 def nifti_reader_factory(window, axis: int):
     """A reader factory for :func:`~msd_fast.data.sources.assemble` with this (parsed) window and axis."""
-    return lambda sources, geometry, size: NiftiReader(sources, geometry, size, window, axis)
+    return lambda sources, geometry, size: MultiImageFileReader(
+        sources, geometry, size, lambda path: volume_slices(path, axis, window), "NIfTI")
 
 
 def nifti_files(folder: str) -> list[str]:

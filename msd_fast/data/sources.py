@@ -50,6 +50,41 @@ def resize_and_convert(images: torch.Tensor, geometry: tuple[int, int, int], siz
     return images
 
 
+class MultiImageFileReader:
+    """Reader over files that each hold ``source.count`` images (DICOM frames, NIfTI slices): ``decode(path)`` gives
+    all images of one file as uint8 ``[count, C0, H0, W0]``; they are resized/converted to ``geometry`` and the last
+    file decoded is cached, so reading a file's images in order decodes it once."""
+
+    def __init__(self, sources: list, geometry: tuple, size: Optional[tuple], decode: Callable[[str], torch.Tensor],
+                 kind: str):
+        self.sources, self.geometry, self.size, self.decode, self.kind = sources, tuple(geometry), size, decode, kind
+        self.starts = np.cumsum([0] + [s.count for s in sources])
+        self._cached: tuple[int, Optional[torch.Tensor]] = (-1, None)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _file(self, index: int) -> torch.Tensor:
+        if self._cached[0] != index:
+            path = self.sources[index].path
+            images = self.decode(path)
+            if len(images) != self.sources[index].count:
+                raise DataError(f"{path}: decoded {len(images)} images, its header announced "
+                                f"{self.sources[index].count} (did the file change after the dataset was opened?)")
+            self._cached = (index, resize_and_convert(images, self.geometry, self.size, path))
+        return self._cached[1]
+
+    def read(self, rows: np.ndarray) -> torch.Tensor:
+        out = torch.empty((len(rows), *self.geometry), dtype=torch.uint8)
+        files = np.searchsorted(self.starts, rows, side="right") - 1
+        for i, (row, index) in enumerate(zip(rows, files)):
+            out[i] = self._file(int(index))[int(row - self.starts[index])]
+        return out
+
+    def describe(self) -> str:
+        return f"{len(self.sources)} {self.kind} files"
+
+
 class ConcatReader:
     """Readers of consecutive row ranges joined into one reader (rows are global positions)."""
 
