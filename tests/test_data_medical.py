@@ -363,6 +363,11 @@ def test_cli_held_out_split_encode_clients_and_demo_keep_patients_apart(tmp_path
                               test_data=None, test_split="test", test_fraction=0.3, seed=0)
     train, test, info = load_labelled_data(args, None)
     assert not set(train.patient_ids) & set(test.patient_ids) and "patient-level" in info["held_out"]
+    (tmp_path / "test.csv").write_text("path,label,patient_id\np0_0.dcm,0,\np11_0.dcm,1,\n")
+    args.test_data, args.test_split = str(tmp_path / "test.csv"), "train"
+    with pytest.raises(DataError, match="2 patients also have images in --data") as caught:
+        load_labelled_data(args, None)
+    assert "P00" not in str(caught.value)
     data = load_dataset(str(tmp_path / "m.csv"))
     owners = [set(client_subset(data, 3, c).patient_ids) for c in range(3)]
     assert not (owners[0] & owners[1] or owners[0] & owners[2] or owners[1] & owners[2])

@@ -60,7 +60,8 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     held_out.add_argument("--test-data", default=None, help="evaluate on this dataset instead (same formats)")
     parser.add_argument("--test-split", default="test", choices=("train", "val", "test"),
                         help="split of --test-data (default test: the .npz test split, the test/ folder, an "
-                             "independent synthetic draw; a plain class folder needs --test-split train)")
+                             "independent synthetic draw; a plain class folder, DICOM, NIfTI or a .csv manifest "
+                             "needs --test-split train)")
     parser.add_argument("--label-fraction", type=float, default=1.0,
                         help="train on a stratified fraction of the training labels (default 1: all)")
     parser.add_argument("--image-size", type=_image_size, default=None,
@@ -195,7 +196,7 @@ def load_labelled_data(args: argparse.Namespace, metadata: Optional[dict]) -> tu
     data = load_dataset(args.data, size=size, channels=channels, split=args.split)
     if data.labels is None:
         raise DataError(f"--data {args.data}: has no labels (supervised evaluation needs class sub-folders, a "
-                        "labelled .npz or --data images.npy with labels)")
+                        "labelled .npz, --data images.npy with labels or a .csv manifest with a label column)")
     if args.test_data is not None:
         test = load_dataset(args.test_data, size=data.geometry[1:], channels=data.channels, split=args.test_split)
         if test.labels is None:
@@ -203,6 +204,11 @@ def load_labelled_data(args: argparse.Namespace, metadata: Optional[dict]) -> tu
         if data.class_names is not None and test.class_names is not None and data.class_names != test.class_names:
             raise DataError(f"--test-data {args.test_data}: its classes {test.class_names} are not those of --data "
                             f"{data.class_names}; labels would not correspond")
+        shared = (set() if data.patient_ids is None or test.patient_ids is None else
+                  (set(data.patient_ids) & set(test.patient_ids)) - {""})
+        if shared:  # counted, never listed: patient IDs stay out of messages and logs
+            raise DataError(f"--test-data {args.test_data}: {len(shared)} patients also have images in --data; a "
+                            "held-out set must not share patients with the training data")
         train = data
         held_out = f"{args.test_data} [{args.test_split}]"
     else:
