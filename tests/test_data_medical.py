@@ -116,6 +116,8 @@ def test_mr_small_uses_its_window_tags_with_the_linear_function():
     center, width = float(ds.WindowCenter), float(ds.WindowWidth)
     assert "RescaleSlope" not in ds
     np.testing.assert_array_equal(gray(load_dataset(path))[0], linear(ds.pixel_array, center, width))
+    with pytest.warns(UserWarning, match="preset 'lung' is in Hounsfield units.*MR"):
+        load_dataset(path, window="lung")
     # RLE lossless (decoded by pydicom itself) gives the same image
     np.testing.assert_array_equal(gray(load_dataset(sample("MR_small_RLE.dcm"))), gray(load_dataset(path)))
 

@@ -128,6 +128,10 @@ def scan_dicom(path: str, window, *, in_folder: bool) -> Optional[Source]:
     if not rows or not columns:
         raise DataError(f"{path}: has no Rows/Columns (image size) in its header")
     _check_decoder(dataset, path)
+    modality = _text(dataset, "Modality")
+    if isinstance(window, Window) and window.preset and modality not in ("CT", ""):
+        warnings.warn(f"window preset '{window.preset}' is in Hounsfield units (CT) but {modality} images have other "
+                      "units; 'C,W' in the images' own units or 'percentile' fits them", stacklevel=2)
     patient, study, series = (_text(dataset, k) for k in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID"))
     group = (f"patient:{patient}" if patient else f"study:{study}" if study else f"series:{series}" if series
              else f"file:{path}")

@@ -19,7 +19,7 @@ default, C.11.2.1.2.1: ``x <= C - 0.5 - (W - 1)/2 -> 0``, ``x > C - 0.5 + (W - 1
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import numpy as np
@@ -49,6 +49,7 @@ class Window:
     center: float
     width: float
     function: str = "LINEAR_EXACT"
+    preset: str = field(default="", compare=False)  # the preset's name, when it came from one
 
     def __post_init__(self):
         if self.function not in FUNCTIONS:
@@ -85,7 +86,7 @@ def parse_window(window: WindowOption, name: str = "window") -> Union[None, str,
     if isinstance(window, str):
         text = window.strip().lower()
         if text in PRESETS:
-            return Window(*PRESETS[text])
+            return Window(*PRESETS[text], preset=text)
         parts = text.split(",")
         if len(parts) == 2:
             try:
