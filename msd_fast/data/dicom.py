@@ -196,7 +196,11 @@ def decode_dicom(path: str, window) -> torch.Tensor:
     except (RuntimeError, ValueError, NotImplementedError, AttributeError, KeyError, TypeError) as error:
         raise DataError(f"{path}: cannot decode the pixel data ({type(error).__name__}: {error})") from None
     colour = photometric in COLOUR
-    pixels = pixels.reshape((frames, *pixels.shape[-3 if colour else -2:]))
+    per_frame = pixels.shape[-3 if colour else -2:]
+    if pixels.size != frames * int(np.prod(per_frame)):
+        raise DataError(f"{path}: pixel data of shape {pixels.shape} do not hold the {frames} frames its header "
+                        "announces")
+    pixels = pixels.reshape((frames, *per_frame))
     if colour:
         bits = (int(dataset.RedPaletteColorLookupTableDescriptor[2]) if photometric == "PALETTE COLOR"
                 else int(dataset.get("BitsStored", 8) or 8))
