@@ -60,7 +60,8 @@ class _Groups:
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))
         ids = rank[inverse.reshape(-1)]
-        self.members = [np.flatnonzero(ids == g) for g in range(len(order))]
+        by_group = np.argsort(ids, kind="stable")  # image positions, group by group, ascending within each
+        self.members = np.split(by_group, np.cumsum(np.bincount(ids, minlength=len(order)))[:-1])
         self.sizes = np.array([len(m) for m in self.members], dtype=np.int64)
         self.labels = np.array([np.bincount(labels[m]).argmax() for m in self.members], dtype=np.int64)
 
