@@ -81,6 +81,23 @@ def gray(images):
     return images.to_tensor()[:, 0].numpy()
 
 
+# ---- windows --------------------------------------------------------------------------------------------------------
+
+def test_window_functions_against_hand_math():
+    from msd_fast.data.window import Window, parse_window
+
+    x = np.array([-2000.0, -1350.0, -600.0, 149.0, 151.0, np.nan, np.inf, -np.inf])
+    # NaN -> 0 (black), +inf -> 255, -inf -> 0
+    np.testing.assert_array_equal(parse_window("lung").apply(x), np.r_[linear_exact(x[:5], -600, 1500), 0, 255, 0])
+    np.testing.assert_array_equal(linear_exact(x[:5], -600, 1500), [0, 0, 128, 255, 255])
+    assert parse_window("LUNG") == parse_window((-600, 1500)) == parse_window(" -600 , 1500 ") == Window(-600, 1500)
+    sigmoid = Window(40, 80, "SIGMOID").apply(np.array([40.0, 80.0, -1e3, -1e9]))
+    np.testing.assert_array_equal(sigmoid, np.r_[np.floor(255 / (1 + np.exp(-4 * (np.array([0, 40, -1e3 - 40]) / 80)))
+                                                          + 0.5).astype(np.uint8), 0])
+    np.testing.assert_array_equal(Window(10, 1, "LINEAR").apply(np.array([9.5, 9.6])), [0, 255])
+    assert parse_window(None) is None and parse_window("percentile") == "percentile"
+
+
 # ---- DICOM ---------------------------------------------------------------------------------------------------------
 
 def test_ct_small_is_rescaled_to_hounsfield_units_then_windowed():

@@ -59,27 +59,28 @@ class MultiImageFileReader:
                  kind: str):
         self.sources, self.geometry, self.size, self.decode, self.kind = sources, tuple(geometry), size, decode, kind
         self.starts = np.cumsum([0] + [s.count for s in sources])
-        self._cached: tuple[int, Optional[torch.Tensor]] = (-1, None)
+        self._cached: tuple[int, Optional[np.ndarray]] = (-1, None)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def _file(self, index: int) -> torch.Tensor:
+    def _file(self, index: int) -> np.ndarray:
         if self._cached[0] != index:
             path = self.sources[index].path
             images = self.decode(path)
             if len(images) != self.sources[index].count:
                 raise DataError(f"{path}: decoded {len(images)} images, its header announced "
                                 f"{self.sources[index].count} (did the file change after the dataset was opened?)")
-            self._cached = (index, resize_and_convert(images, self.geometry, self.size, path))
+            self._cached = (index, resize_and_convert(images, self.geometry, self.size, path).numpy())
         return self._cached[1]
 
     def read(self, rows: np.ndarray) -> torch.Tensor:
-        out = torch.empty((len(rows), *self.geometry), dtype=torch.uint8)
+        # numpy copies: per-row torch copies pay a thread synchronisation each (15 ms on a loaded 2-core machine)
+        out = np.empty((len(rows), *self.geometry), dtype=np.uint8)
         files = np.searchsorted(self.starts, rows, side="right") - 1
         for i, (row, index) in enumerate(zip(rows, files)):
             out[i] = self._file(int(index))[int(row - self.starts[index])]
-        return out
+        return torch.from_numpy(out)
 
     def describe(self) -> str:
         return f"{len(self.sources)} {self.kind} files"

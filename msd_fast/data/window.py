@@ -60,17 +60,27 @@ class Window:
             raise DataError(f"window width must be > 0 (>= 1 for the LINEAR function), got {self.width:g}")
 
     def apply(self, values: np.ndarray) -> np.ndarray:
-        """float ``values`` (any shape) -> uint8 of the same shape (NaN -> 0)."""
-        x = values.astype(np.float64, copy=False)
+        """float ``values`` (any shape) -> uint8 of the same shape (NaN -> 0). Computed in float64, in place."""
         c, w = self.center, self.width
         if self.function == "LINEAR_EXACT":
-            y = (x - c) / w + 0.5
+            y = np.subtract(values, c, dtype=np.float64)
+            y /= w
+            y += 0.5
         elif self.function == "LINEAR":
-            y = (x - (c - 0.5)) / (w - 1) + 0.5 if w > 1 else (x > c - 0.5).astype(np.float64)
+            y = np.subtract(values, c - 0.5, dtype=np.float64)
+            if w > 1:
+                y /= w - 1
+                y += 0.5
+            else:
+                y = (y > 0).astype(np.float64)
         else:
-            y = 1.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
-        y = np.nan_to_num(y, nan=0.0)  # NaN voxels (masked maps) -> black
-        return np.floor(np.clip(y, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+            exponent = np.clip(-4.0 * (np.asarray(values, dtype=np.float64) - c) / w, -700.0, 700.0)  # no overflow
+            y = 1.0 / (1.0 + np.exp(exponent))
+        np.clip(y, 0.0, 1.0, out=y)
+        y[np.isnan(y)] = 0.0  # NaN voxels (masked maps) -> black
+        y *= 255.0
+        y += 0.5
+        return np.floor(y, out=y).astype(np.uint8)
 
 
 WindowOption = Union[None, str, tuple]
