@@ -191,14 +191,11 @@ def train_test_split(labels: LabelsOrCount, test_fraction: float, seed: int = 0,
     rng = _rng(seed)
     if groups is not None:
         test = _grouped_test_rows(_Groups(groups, labels), test_fraction, total, rng)
-        mask = np.zeros(n, dtype=bool)
-        mask[test] = True
-        return _sorted_tensor(np.flatnonzero(~mask)), _sorted_tensor(np.flatnonzero(mask))
-    classes, counts = np.unique(labels, return_counts=True)
-    per_class = _largest_remainder(counts, test_fraction, total)
-    test = []
-    for cls, k in zip(classes, per_class):
-        test.extend(rng.permutation(np.flatnonzero(labels == cls))[:k].tolist())
+    else:
+        classes, counts = np.unique(labels, return_counts=True)
+        test = []
+        for cls, k in zip(classes, _largest_remainder(counts, test_fraction, total)):
+            test.extend(rng.permutation(np.flatnonzero(labels == cls))[:k].tolist())
     mask = np.zeros(n, dtype=bool)
     mask[test] = True
     return _sorted_tensor(np.flatnonzero(~mask)), _sorted_tensor(np.flatnonzero(mask))
