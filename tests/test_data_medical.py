@@ -233,6 +233,20 @@ def test_dicom_folder_is_read_lazily_and_keeps_patients(tmp_path, monkeypatch):
     assert "PAT-A" not in repr(images)
 
 
+def test_dicom_and_nifti_folders_with_split_sub_folders(tmp_path):
+    for split, count in (("train", 3), ("test", 2)):
+        os.makedirs(tmp_path / "ct" / split)
+        for i in range(count):
+            write_dicom(tmp_path / "ct" / split / f"{i}.dcm", np.zeros((4, 4), np.int16))
+        os.makedirs(tmp_path / "mr" / split)
+        write_nifti(tmp_path / "mr" / split / "v.nii", np.zeros((4, 4, count), np.float32), np.eye(4))
+    for kind in ("ct", "mr"):
+        assert len(load_dataset(str(tmp_path / kind))) == 3
+        assert len(load_dataset(str(tmp_path / kind), split="test")) == 2
+        with pytest.raises(DataError, match="no 'val' folder"):
+            load_dataset(str(tmp_path / kind), split="val")
+
+
 def test_pydicom_sample_folder_skips_objects_without_pixels_and_splits_by_patient():
     with pytest.warns(UserWarning, match="without pixel data"):
         images = load_dataset(os.path.join(SAMPLES, "dicomdirtests"))

@@ -99,6 +99,24 @@ def _image_files(folder: str, *, recursive: bool) -> list[str]:
     return sorted(found, key=lambda p: os.path.relpath(p, folder).split(os.sep))
 
 
+def _subfolders(folder: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def split_folder(folder: str, split: str) -> str:
+    """``folder/<split>`` when ``folder``'s sub-folders are split names (train, val, test), else ``folder`` (and
+    then only ``split="train"`` is accepted)."""
+    _check_split(split)
+    subdirs = _subfolders(folder)
+    if subdirs and set(subdirs) <= set(SPLITS):
+        if split not in subdirs:
+            raise DataError(f"{folder}: has split folders {subdirs} but no '{split}' folder")
+        return os.path.join(folder, split)
+    if split != "train":
+        raise DataError(f"{folder}: split={split!r} needs train/val/test sub-folders; this folder has none")
+    return folder
+
+
 def load_folder(folder: PathLike, *, size: Size = None, channels: Optional[int] = None, split: str = "train",
                 high_bit_depth: str = "per_image") -> ImageSet:
     """An image folder as an :class:`ImageSet` (lazy: pixels are decoded when batches are read).
@@ -112,15 +130,8 @@ def load_folder(folder: PathLike, *, size: Size = None, channels: Optional[int] 
     folder = os.fspath(folder)
     size, channels = parse_size(size), check_channels(channels)
     high_bit_depth = check_high_bit_depth(high_bit_depth)
-    _check_split(split)
-    subdirs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
-    if subdirs and set(subdirs) <= set(SPLITS):
-        if split not in subdirs:
-            raise DataError(f"{folder}: has split folders {subdirs} but no '{split}' folder")
-        folder, subdirs = os.path.join(folder, split), sorted(
-            e.name for e in os.scandir(os.path.join(folder, split)) if e.is_dir() and not e.name.startswith("."))
-    elif split != "train":
-        raise DataError(f"{folder}: split={split!r} needs train/val/test sub-folders; this folder has none")
+    folder = split_folder(folder, split)
+    subdirs = _subfolders(folder)
     loose = _image_files(folder, recursive=False)
     classes = [d for d in subdirs if _has_images(os.path.join(folder, d))]
     if loose and classes:
@@ -327,8 +338,8 @@ def load_dataset(spec, *, size: Size = None, channels: Optional[int] = None, spl
             A path that exists as written (``?`` included) is taken as a path.
         size: resize to this (int or ``(H, W)``); for the synthetic set, the generated side (default 32).
         channels: 1 or 3: convert gray <-> RGB (default: keep; synthetic: 1).
-        split: ``"train"``, ``"val"`` or ``"test"``: the ``.npz`` split, the folder's split sub-folder, or an
-            independent synthetic draw.
+        split: ``"train"``, ``"val"`` or ``"test"``: the ``.npz`` split, the folder's split sub-folder (image,
+            DICOM or NIfTI folders), or an independent synthetic draw.
         labels: labels for a ``.npy`` spec or array (a ``.npy`` path or an array).
         layout, high_bit_depth: see :func:`from_arrays` and :mod:`msd_fast.data.convert`.
         window: DICOM and NIfTI intensity window: None (DICOM: the file's Window Center/Width tags; NIfTI: a
@@ -366,6 +377,8 @@ def load_dataset(spec, *, size: Size = None, channels: Optional[int] = None, spl
     options = dict(size=size, channels=channels, high_bit_depth=high_bit_depth)
     medical = dict(size=size, channels=channels, window=window)
     kind = _medical_kind(text, dicom, nifti, is_nifti)
+    if kind in ("DICOM", "NIfTI") and os.path.isdir(text):
+        text, split = split_folder(text, split), "train"  # train/val/test sub-folders are splits, as for images
     if kind is not None and split != "train":
         raise DataError(f"{text}: {kind} data has no splits; split={split!r} needs a .npz or a folder with split "
                         "sub-folders (held-out sets of patients come from the patient-level split)")
