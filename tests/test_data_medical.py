@@ -482,9 +482,9 @@ def test_cli_encode_of_a_manifest_writes_a_shard_without_patient_ids(tmp_path):
     key.save(tmp_path / "k.key")
     shard = tmp_path / "site.shard"
     env = dict(os.environ, PYTHONPATH=REPO)
-    result = subprocess.run([sys.executable, "-m", "msd_fast.cli", "encode", "--data", f"{tmp_path / 'm.csv'}?window=brain",
-                             "--key", str(tmp_path / "k.key"), "--out", str(shard), "--patch-size", "8"],
-                            capture_output=True, text=True, env=env, timeout=120)
+    command = [sys.executable, "-m", "msd_fast.cli", "encode", "--data", f"{tmp_path / 'm.csv'}?window=brain",
+               "--key", str(tmp_path / "k.key"), "--out", str(shard), "--patch-size", "8"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     opened = open_shard(str(shard))
     assert len(opened) == 6
