@@ -165,10 +165,10 @@ class ImageSet:
             raise DataError("subset needs at least one index")
         rows = positions if self._rows is None else self._rows[positions]
         labels = None if self._labels is None else self._labels[torch.from_numpy(positions)]
-        pick = (lambda ids: None if ids is None else ids[positions])
+        patients, studies, groups = (None if ids is None else ids[positions]
+                                     for ids in (self._patient_ids, self._study_ids, self._groups))
         return ImageSet(self._reader, labels, self._class_names, description=self.description,
-                        patient_ids=pick(self._patient_ids), study_ids=pick(self._study_ids),
-                        groups=pick(self._groups), _rows=rows)
+                        patient_ids=patients, study_ids=studies, groups=groups, _rows=rows)
 
     def to_tensor(self, batch_size: int = 1024) -> torch.Tensor:
         """All images as one uint8 ``[n, C, H, W]`` tensor (for an in-memory set in its original order, the stored

@@ -137,13 +137,15 @@ def assemble(runs: Sequence[tuple[ReaderFactory, list]], *, size: Optional[tuple
     geometry = common_geometry(sources, size, channels, description)
     readers = [make_reader(run, geometry, size) for make_reader, run in runs if run]
     reader = readers[0] if len(readers) == 1 else ConcatReader(readers, description)
-    per_image = (lambda field: np.repeat(np.array([getattr(s, field) for s in sources], dtype=str),
-                                         [s.count for s in sources]))
+    counts = [source.count for source in sources]
+
+    def per_image(field: str) -> np.ndarray:
+        return np.repeat(np.array([getattr(source, field) for source in sources], dtype=str), counts)
+
     labelled = [source.label is not None for source in sources]
     if any(labelled) and not all(labelled):
         raise DataError(f"{description}: some images have labels and some do not")
-    labels = (np.repeat(np.array([s.label for s in sources], dtype=np.int64), [s.count for s in sources])
-              if all(labelled) else None)
+    labels = np.repeat(np.array([s.label for s in sources], dtype=np.int64), counts) if all(labelled) else None
     patients, studies = per_image("patient_id"), per_image("study_id")
     return ImageSet(reader, labels, class_names, description=description,
                     patient_ids=patients if any(patients) else None, study_ids=studies if any(studies) else None,
