@@ -245,8 +245,11 @@ def test_from_arrays_dtypes_and_errors():
 def test_load_dataset_spec_errors(tmp_path):
     with pytest.raises(DataError, match=r"nowhere: no such file or folder.*synthetic"):
         load_dataset(str(tmp_path / "nowhere"))
-    (tmp_path / "data.csv").write_text("1,2")
-    with pytest.raises(DataError, match=r"data\.csv: unsupported data file"):
+    (tmp_path / "data.txt").write_text("1,2")
+    with pytest.raises(DataError, match=r"data\.txt: unsupported data file"):
+        load_dataset(str(tmp_path / "data.txt"))
+    (tmp_path / "data.csv").write_text("1,2")  # a .csv is a manifest: it needs a header row with a path column
+    with pytest.raises(DataError, match=r"data\.csv: the header row '1,2' has no 'path' column"):
         load_dataset(str(tmp_path / "data.csv"))
     with pytest.raises(ValueError, match="size must be"):
         load_dataset("synthetic:2", size="64")

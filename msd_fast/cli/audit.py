@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from ..checks import is_positive_int, require
+from ..data import SPEC_HELP
 from ..protocol.encryption import CIPHER_DTYPES, SCHEMES, EncryptionSpec
 from .flags import flag, int_list, quick_flag
 
@@ -28,7 +29,7 @@ QUICK = dict(known_pairs=(1, 4), token_dims=(48,), max_heldout=16, figure_rows=2
 class AuditConfig:
     key: Optional[str] = flag(None, "the consortium key file (the attacks never use it, it only encrypts and scores)",
                               default_text="a fresh key")
-    data: str = flag(DEFAULT_DATA, "the plain images: 'synthetic[:N]', an image folder, a .npz or a .npy")
+    data: str = flag(DEFAULT_DATA, f"the plain images: {SPEC_HELP}")
     shard: Optional[str] = flag(None, "a shard encoded from --data with --key: attack the server's actual view (its "
                                       "options and patch size)", default_text="simulate the encryption")
     patch_size: int = flag(16, "block size without --shard")

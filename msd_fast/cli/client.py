@@ -9,6 +9,7 @@ from typing import Optional, Union
 
 from ..checks import require
 from ..client.encode import DEFAULT_EMBED_DIM, MODES, TOKEN_DTYPES, warn_if_weak
+from ..data import SPEC_HELP
 from ..data.convert import check_image_size
 from ..ops._checks import check_positive_int
 from ..protocol.encryption import CIPHER_DTYPES, SCHEMES, EncryptionSpec
@@ -67,7 +68,7 @@ class EncryptionFlags:
 @compose(Part(EncryptionFlags, "image-mode encryption"))
 class EncodeConfig:
     key: Optional[str] = flag(None, "the consortium key file", required=True)
-    data: Optional[str] = flag(None, "'synthetic', 'synthetic:N', an image folder, a MedMNIST .npz or a .npy file",
+    data: Optional[str] = flag(None, SPEC_HELP,
                                required=True)
     out: Optional[str] = flag(None, "the shard file to write (a folder of numbered shards when larger than "
                                     "--max-shard-size; an unfinished folder is resumed)", required=True)

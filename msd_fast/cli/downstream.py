@@ -25,8 +25,8 @@ from typing import Optional, Union
 
 from ..atomic import write_text
 from ..checks import is_positive_int, require, resolve_device
-from ..data import (DataError, ImageSet, check_patch_size, label_fraction_subset, load_dataset, split_clients,
-                    train_test_split)
+from ..data import (SPEC_HELP, DataError, ImageSet, check_patch_size, label_fraction_subset, load_dataset,
+                    split_clients, train_test_split)
 from ..data.convert import check_image_size
 from ..keys import Key
 from ..server.export import read_export_metadata
@@ -52,15 +52,16 @@ INITS = ("pretrained", "random")
 class LabelledData:
     """The labelled images, the held-out split and the label budget."""
 
-    data: Optional[str] = flag(None, "labelled data: 'synthetic', 'synthetic:N', an image folder with class "
-                                     "sub-folders, a MedMNIST .npz or a .npy (with labels)", required=True)
+    data: Optional[str] = flag(None, f"labelled data (class sub-folders, a labelled .npz, a .npy with labels, a "
+                                     f"manifest with a label column): {SPEC_HELP}", required=True)
     split: str = flag("train", "split of --data to train on (.npz / split folders / synthetic draw)", choices=SPLITS)
     test_fraction: Optional[float] = flag(None, "hold out this stratified fraction of --data for evaluation",
                                           exclusive="held-out", default_text=f"{DEFAULT_TEST_FRACTION}")
     test_data: Optional[str] = flag(None, "evaluate on this dataset instead (same formats)", exclusive="held-out",
                                     default_text="none: a fraction of --data")
     test_split: str = flag("test", "split of --test-data (test: the .npz test split, the test/ folder, an independent "
-                                   "synthetic draw; a plain class folder needs --test-split train)", choices=SPLITS)
+                                   "synthetic draw; a plain class folder, DICOM, NIfTI or a .csv manifest needs "
+                                   "--test-split train)", choices=SPLITS)
     label_fraction: float = flag(1.0, "train on a stratified fraction of the training labels (1: all)")
     image_size: Optional[Union[int, tuple]] = flag(
         None, "resize to S or HxW", parse=image_size,
@@ -214,7 +215,7 @@ def load_labelled_data(config, metadata: Optional[dict]) -> tuple[ImageSet, Imag
     data = load_dataset(config.data, size=size, channels=channels, split=config.split)
     if data.labels is None:
         raise DataError(f"--data {config.data}: has no labels (supervised evaluation needs class sub-folders, a "
-                        "labelled .npz or --data images.npy with labels)")
+                        "labelled .npz, --data images.npy with labels or a .csv manifest with a label column)")
     if config.test_data is not None:
         test = load_dataset(config.test_data, size=data.geometry[1:], channels=data.channels, split=config.test_split)
         if test.labels is None:
@@ -222,14 +223,19 @@ def load_labelled_data(config, metadata: Optional[dict]) -> tuple[ImageSet, Imag
         if data.class_names is not None and test.class_names is not None and data.class_names != test.class_names:
             raise DataError(f"--test-data {config.test_data}: its classes {test.class_names} are not those of --data "
                             f"{data.class_names}; labels would not correspond")
+        shared = (set() if data.patient_ids is None or test.patient_ids is None else
+                  (set(data.patient_ids) & set(test.patient_ids)) - {""})
+        if shared:  # counted, never listed: patient IDs stay out of messages and logs
+            raise DataError(f"--test-data {config.test_data}: {len(shared)} patients also have images in --data; a "
+                            "held-out set must not share patients with the training data")
         train = data
         held_out = f"{config.test_data} [{config.test_split}]"
     else:
         fraction = _fraction(DEFAULT_TEST_FRACTION if config.test_fraction is None else config.test_fraction,
                              "--test-fraction", closed=False)
-        train_rows, test_rows = train_test_split(data.labels, fraction, seed=config.seed)
+        train_rows, test_rows = train_test_split(data.labels, fraction, seed=config.seed, groups=data.groups)
         train, test = data.subset(train_rows), data.subset(test_rows)
-        held_out = f"{fraction:g} of --data"
+        held_out = f"{fraction:g} of --data" + (" (patient-level)" if data.groups is not None else "")
     if metadata is not None:
         expected = (metadata["channels"], *metadata["image_size"])
         if train.geometry != expected:
@@ -380,7 +386,8 @@ def run_fedavg(config: FedAvgConfig) -> int:
     random_arch = _architecture(config, metadata, train.geometry)
     test_images = test.to_tensor()
     splits = []
-    for c, rows in enumerate(split_clients(train.labels, config.clients, alpha=config.alpha, seed=config.seed)):
+    for c, rows in enumerate(split_clients(train.labels, config.clients, alpha=config.alpha, seed=config.seed,
+                                           groups=train.groups)):
         client = labelled_fraction(train.subset(rows), config.label_fraction, config.seed + c)
         splits.append(LabelledSplit(client.to_tensor(), client.labels, test_images, test.labels, info["n_classes"]))
     info.update(n_train=sum(len(s.train_labels) for s in splits), label_fraction=config.label_fraction,

@@ -71,7 +71,8 @@ def client_subset(images: ImageSet, n_clients: int, client_index: int, *, alpha:
     labels_or_n = images.labels if alpha is not None else len(images)
     if alpha is not None and labels_or_n is None:
         raise DataError("a Dirichlet (non-IID) client split needs labels; this dataset has none (drop --alpha)")
-    return images.subset(split_clients(labels_or_n, n_clients, alpha=alpha, seed=seed)[client_index])
+    return images.subset(split_clients(labels_or_n, n_clients, alpha=alpha, seed=seed,
+                                       groups=images.groups)[client_index])
 
 
 def encode_dataset(images: ImageSet, key: Key, out: str, *, patch_size: int = 16, mode: str = "image",

@@ -49,13 +49,21 @@ class ImageSet:
         labels: optional integer labels ``[n]`` (stored as an int64 tensor, values >= 0).
         class_names: optional names, one per class (``labels < len(class_names)``).
         description: a short, human-readable origin shown in ``repr``.
+        patient_ids, study_ids: optional per-image identifiers (``[n]`` strings; ``""`` where unknown), e.g. DICOM's
+            PatientID and StudyInstanceUID. Metadata for splitting and bookkeeping on the client only: nothing in
+            msd_fast writes them into a shard, a checkpoint or a log, and ``repr`` does not show them.
+        groups: optional ``[n]`` strings naming what a split must keep together (images of one group go to one
+            side of :func:`~msd_fast.data.train_test_split` and to one client of
+            :func:`~msd_fast.data.split_clients`); default: ``patient_ids`` where given.
 
     ``len(s)``, ``s.geometry == (C, H, W)``, ``s.channels``/``height``/``width``; :meth:`batches` streams uint8
     ``[b, C, H, W]`` in order; :meth:`subset` selects images without loading them; :meth:`to_tensor` loads all.
     """
 
     def __init__(self, images, labels: Optional[Indices] = None, class_names: Optional[Sequence[str]] = None, *,
-                 description: Optional[str] = None, _rows: Optional[np.ndarray] = None):
+                 description: Optional[str] = None, patient_ids: Optional[Sequence[str]] = None,
+                 study_ids: Optional[Sequence[str]] = None, groups: Optional[Sequence[str]] = None,
+                 _rows: Optional[np.ndarray] = None):
         if isinstance(images, torch.Tensor):
             if images.dtype != torch.uint8 or images.dim() != 4:
                 raise DataError(f"images must be a uint8 tensor [n, C, H, W], got {images.dtype} of shape "
@@ -77,6 +85,9 @@ class ImageSet:
                 raise DataError(f"labels go up to {int(self._labels.max())} but only {len(class_names)} class_names "
                                 "were given")
         self._class_names = class_names
+        self._patient_ids = _check_ids(patient_ids, n, "patient_ids")
+        self._study_ids = _check_ids(study_ids, n, "study_ids")
+        self._groups = _check_ids(groups, n, "groups") if groups is not None else self._patient_ids
         self.description = description or reader.describe()
 
     # ---- what it holds ----------------------------------------------------------------------------------------------
@@ -110,6 +121,21 @@ class ImageSet:
         return None if self._class_names is None else list(self._class_names)
 
     @property
+    def patient_ids(self) -> Optional[np.ndarray]:
+        """``[n]`` strings (``""`` where unknown) or None: client-side metadata, never written into a shard."""
+        return self._patient_ids
+
+    @property
+    def study_ids(self) -> Optional[np.ndarray]:
+        """``[n]`` strings (``""`` where unknown) or None: client-side metadata, never written into a shard."""
+        return self._study_ids
+
+    @property
+    def groups(self) -> Optional[np.ndarray]:
+        """``[n]`` strings or None: the unit a split keeps on one side (the patient, where known)."""
+        return self._groups
+
+    @property
     def n_classes(self) -> Optional[int]:
         """``len(class_names)`` if known, else ``max(label) + 1``; None without labels."""
         if self._class_names is not None:
@@ -139,7 +165,10 @@ class ImageSet:
             raise DataError("subset needs at least one index")
         rows = positions if self._rows is None else self._rows[positions]
         labels = None if self._labels is None else self._labels[torch.from_numpy(positions)]
-        return ImageSet(self._reader, labels, self._class_names, description=self.description, _rows=rows)
+        patients, studies, groups = (None if ids is None else ids[positions]
+                                     for ids in (self._patient_ids, self._study_ids, self._groups))
+        return ImageSet(self._reader, labels, self._class_names, description=self.description,
+                        patient_ids=patients, study_ids=studies, groups=groups, _rows=rows)
 
     def to_tensor(self, batch_size: int = 1024) -> torch.Tensor:
         """All images as one uint8 ``[n, C, H, W]`` tensor (for an in-memory set in its original order, the stored
@@ -163,6 +192,18 @@ def _check_indices(indices: Indices, n: int) -> np.ndarray:
     if positions.min() < 0 or positions.max() >= n:
         raise IndexError(f"indices must be in [0, {n}), got values in [{positions.min()}, {positions.max()}]")
     return positions
+
+
+def _check_ids(ids: Optional[Sequence[str]], n: int, name: str) -> Optional[np.ndarray]:
+    """``[n]`` identifiers as a numpy unicode array (a private copy), or None."""
+    if ids is None:
+        return None
+    values = np.asarray(ids)
+    if values.ndim != 1 or values.shape[0] != n:
+        raise DataError(f"{name} must have shape [{n}] (one per image), got {values.shape}")
+    if values.dtype.kind not in "UO":
+        raise DataError(f"{name} must be strings, got dtype {values.dtype}")
+    return values.astype(str)
 
 
 def _check_labels(labels: Indices, n: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from .convert import (Size, check_channels, check_high_bit_depth, convert_channels, parse_size, resize_images,
                       to_uint8)
 from .imageset import DataError, ImageSet, Indices
+from .sources import Source, common_geometry, resize_and_convert
 from .synthetic import DEFAULT_COUNT, DEFAULT_SIZE, SPLITS, synthetic_dataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -74,15 +75,10 @@ class FileReader:
         return len(self.paths)
 
     def read(self, rows: np.ndarray) -> torch.Tensor:
-        C, H, W = self.geometry
-        out = torch.empty((len(rows), C, H, W), dtype=torch.uint8)
+        out = torch.empty((len(rows), *self.geometry), dtype=torch.uint8)
         for i, row in enumerate(rows):
             path = self.paths[int(row)]
-            image = convert_channels(resize_images(decode_image(path, self.high_bit_depth), self.size), C)
-            if tuple(image.shape[2:]) != (H, W):
-                raise DataError(f"{path}: decoded as {image.shape[2]}x{image.shape[3]}, expected {H}x{W} (did the "
-                                "file change after the dataset was opened?)")
-            out[i] = image[0]
+            out[i] = resize_and_convert(decode_image(path, self.high_bit_depth), self.geometry, self.size, path)[0]
         return out
 
     def describe(self) -> str:
@@ -103,6 +99,24 @@ def _image_files(folder: str, *, recursive: bool) -> list[str]:
     return sorted(found, key=lambda p: os.path.relpath(p, folder).split(os.sep))
 
 
+def _subfolders(folder: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def split_folder(folder: str, split: str) -> str:
+    """``folder/<split>`` when ``folder``'s sub-folders are split names (train, val, test), else ``folder`` (and
+    then only ``split="train"`` is accepted)."""
+    _check_split(split)
+    subdirs = _subfolders(folder)
+    if subdirs and set(subdirs) <= set(SPLITS):
+        if split not in subdirs:
+            raise DataError(f"{folder}: has split folders {subdirs} but no '{split}' folder")
+        return os.path.join(folder, split)
+    if split != "train":
+        raise DataError(f"{folder}: split={split!r} needs train/val/test sub-folders; this folder has none")
+    return folder
+
+
 def load_folder(folder: PathLike, *, size: Size = None, channels: Optional[int] = None, split: str = "train",
                 high_bit_depth: str = "per_image") -> ImageSet:
     """An image folder as an :class:`ImageSet` (lazy: pixels are decoded when batches are read).
@@ -116,15 +130,8 @@ def load_folder(folder: PathLike, *, size: Size = None, channels: Optional[int] 
     folder = os.fspath(folder)
     size, channels = parse_size(size), check_channels(channels)
     high_bit_depth = check_high_bit_depth(high_bit_depth)
-    _check_split(split)
-    subdirs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
-    if subdirs and set(subdirs) <= set(SPLITS):
-        if split not in subdirs:
-            raise DataError(f"{folder}: has split folders {subdirs} but no '{split}' folder")
-        folder, subdirs = os.path.join(folder, split), sorted(
-            e.name for e in os.scandir(os.path.join(folder, split)) if e.is_dir() and not e.name.startswith("."))
-    elif split != "train":
-        raise DataError(f"{folder}: split={split!r} needs train/val/test sub-folders; this folder has none")
+    folder = split_folder(folder, split)
+    subdirs = _subfolders(folder)
     loose = _image_files(folder, recursive=False)
     classes = [d for d in subdirs if _has_images(os.path.join(folder, d))]
     if loose and classes:
@@ -145,19 +152,8 @@ def load_folder(folder: PathLike, *, size: Size = None, channels: Optional[int] 
     if not paths:
         raise DataError(f"{folder}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
 
-    headers = [_read_header(p) for p in paths]
-    sizes: dict[tuple[int, int], str] = {}
-    for path, (height, width, _) in zip(paths, headers):
-        sizes.setdefault((height, width), path)
-    if size is None and len(sizes) > 1:
-        (s1, p1), (s2, p2) = list(sizes.items())[:2]
-        raise DataError(f"{folder}: images have different sizes ({p1} is {s1[0]}x{s1[1]}, {p2} is {s2[0]}x{s2[1]}"
-                        f"{f', {len(sizes) - 2} more sizes' if len(sizes) > 2 else ''}); pass size= "
-                        "(--image-size) to resize them all")
-    height, width = size or next(iter(sizes))
-    if channels is None:
-        channels = 3 if any(colour for _, _, colour in headers) else 1
-    reader = FileReader(paths, (channels, height, width), size, high_bit_depth, folder)
+    headers = [Source(path, 1, *_read_header(path)) for path in paths]
+    reader = FileReader(paths, common_geometry(headers, size, channels, folder), size, high_bit_depth, folder)
     return ImageSet(reader, labels, class_names)
 
 
@@ -318,47 +314,139 @@ def load_npz(path: PathLike, *, split: str = "train", layout: Optional[str] = No
 
 # ---- one entry point -----------------------------------------------------------------------------------------------
 
+SPEC_OPTIONS = ("window", "axis")
+#: What a data spec may be, for ``--data`` help texts.
+SPEC_HELP = ("'synthetic[:N]', an image folder, a MedMNIST .npz, a .npy, DICOM files or a DICOM folder, a NIfTI "
+             ".nii/.nii.gz (or a folder of them), or a .csv manifest (path,label[,patient_id]); DICOM/NIfTI options "
+             "ride on the value: 'PATH?window=lung' (or percentile, C,W) '&axis=coronal'")
+
+
 def load_dataset(spec, *, size: Size = None, channels: Optional[int] = None, split: str = "train", labels=None,
-                 layout: Optional[str] = None, high_bit_depth: str = "per_image") -> ImageSet:
+                 layout: Optional[str] = None, high_bit_depth: str = "per_image", window=None,
+                 axis: Optional[str] = None) -> ImageSet:
     """Open a dataset from a spec.
 
     Args:
         spec: ``"synthetic"`` (the embedded dataset, 2000 images) or ``"synthetic:N"``; a folder of PNG/JPEG/TIFF
             (class sub-folders or flat, see :func:`load_folder`); a MedMNIST-format ``.npz``; a ``.npy`` of images;
-            or an array (see :func:`from_arrays`).
+            a DICOM file or a folder of DICOM files (:mod:`msd_fast.data.dicom`); a NIfTI volume ``.nii``/``.nii.gz``
+            or a folder of them (:mod:`msd_fast.data.nifti`); a CSV manifest ``.csv`` (``path,label[,patient_id]``,
+            :mod:`msd_fast.data.manifest`); or an array (see :func:`from_arrays`).
+            A string spec may end in options ``?key=value[&key=value]`` -- ``window`` and ``axis`` below -- so that
+            every command's ``--data`` takes them, e.g. ``--data ct_folder?window=lung`` or
+            ``--data scans.csv?window=-600,1500&axis=coronal`` (quote it in a shell: ``?`` and ``&`` are special).
+            A path that exists as written (``?`` included) is taken as a path.
         size: resize to this (int or ``(H, W)``); for the synthetic set, the generated side (default 32).
         channels: 1 or 3: convert gray <-> RGB (default: keep; synthetic: 1).
-        split: ``"train"``, ``"val"`` or ``"test"``: the ``.npz`` split, the folder's split sub-folder, or an
-            independent synthetic draw.
+        split: ``"train"``, ``"val"`` or ``"test"``: the ``.npz`` split, the folder's split sub-folder (image,
+            DICOM or NIfTI folders), or an independent synthetic draw.
         labels: labels for a ``.npy`` spec or array (a ``.npy`` path or an array).
         layout, high_bit_depth: see :func:`from_arrays` and :mod:`msd_fast.data.convert`.
+        window: DICOM and NIfTI intensity window: None (DICOM: the file's Window Center/Width tags; NIfTI: a
+            per-volume percentile window), ``"percentile"``, a CT preset (``lung``, ``mediastinum``, ``abdomen``,
+            ``liver``, ``bone``, ``brain``, ``subdural``, ``stroke``) or ``"C,W"`` (see :mod:`msd_fast.data.window`).
+        axis: NIfTI slicing axis after reorientation to RAS: ``"axial"`` (default), ``"coronal"`` or ``"sagittal"``.
 
     Returns:
-        An :class:`ImageSet` (uint8). Raises :class:`DataError` naming the file and the problem.
+        An :class:`ImageSet` (uint8); DICOM, NIfTI and manifest sets carry ``groups`` (and, where known,
+        ``patient_ids``/``study_ids``) so that splits keep a patient's images together. Raises :class:`DataError`
+        naming the file and the problem.
     """
     if isinstance(spec, (np.ndarray, torch.Tensor)):
+        _no_medical_options(window, axis, "an array")
         return from_arrays(spec, labels, layout=layout, size=size, channels=channels, high_bit_depth=high_bit_depth)
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"spec must be a string, a path or an array, got {type(spec).__name__}")
-    text = os.fspath(spec)
-    if labels is not None and not text.lower().endswith(".npy"):
+    text, options = _spec_options(os.fspath(spec))
+    for name, given in (("window", window), ("axis", axis)):
+        if given is not None and name in options:
+            raise DataError(f"{spec}: {name} is given twice (in the spec and as {name}=); keep one")
+    window, axis = options.get("window", window), options.get("axis", axis)
+    lower = text.lower()
+    if labels is not None and not lower.endswith(".npy"):
         raise ValueError("labels= is only used with a .npy spec or an array (other formats carry their labels)")
     if text == "synthetic" or text.startswith("synthetic:"):
+        _no_medical_options(window, axis, text)
         return _synthetic_spec(text, size, channels, split)
     if not os.path.exists(text):
         raise DataError(f"{text}: no such file or folder (a data spec is 'synthetic', 'synthetic:N', an image folder, "
-                        "a .npz or a .npy file)")
+                        "a .npz or .npy file, DICOM, NIfTI or a .csv manifest)")
+    from . import dicom, manifest, nifti  # imported on use: pydicom and nibabel load only for medical data
+    from .sources import is_nifti
+
     options = dict(size=size, channels=channels, high_bit_depth=high_bit_depth)
+    medical = dict(size=size, channels=channels, window=window)
+    kind = _medical_kind(text, dicom, nifti, is_nifti)
+    if kind in ("DICOM", "NIfTI") and os.path.isdir(text):
+        text, split = split_folder(text, split), "train"  # train/val/test sub-folders are splits, as for images
+    if kind is not None and split != "train":
+        raise DataError(f"{text}: {kind} data has no splits; split={split!r} needs a .npz or a folder with split "
+                        "sub-folders (held-out sets of patients come from the patient-level split)")
+    if kind == "manifest":
+        return manifest.load_manifest(text, axis=axis, high_bit_depth=high_bit_depth, **medical)
+    if kind == "NIfTI":
+        return nifti.load_nifti(text, axis=axis, **medical)
+    if axis is not None:
+        raise DataError(f"{spec}: axis= applies to NIfTI volumes (and manifests listing them)")
+    if kind == "DICOM":
+        return dicom.load_dicom(text, **medical)
+    _no_medical_options(window, axis, text)
     if os.path.isdir(text):
         return load_folder(text, split=split, **options)
-    lower = text.lower()
     if lower.endswith(".npz"):
         return load_npz(text, split=split, layout=layout, **options)
     if lower.endswith(".npy"):
         if split != "train":
             raise DataError(f"{text}: a .npy file has no splits; split={split!r} needs a .npz or a folder")
         return load_npy(text, labels=labels, layout=layout, **options)
-    raise DataError(f"{text}: unsupported data file (expected a folder, a .npz or a .npy file)")
+    raise DataError(f"{text}: unsupported data file (expected a folder, a .npz, .npy, DICOM, .nii/.nii.gz or .csv "
+                    "file)")
+
+
+def _spec_options(text: str) -> tuple[str, dict[str, str]]:
+    """``"path?window=lung&axis=axial"`` -> ``("path", {"window": "lung", "axis": "axial"})``."""
+    if "?" not in text or os.path.exists(text):
+        return text, {}
+    path, _, query = text.rpartition("?")
+    options: dict[str, str] = {}
+    for item in query.split("&"):
+        name, equals, value = item.partition("=")
+        name = name.strip().lower()
+        if not equals or not value.strip():
+            raise DataError(f"{text}: option {item!r} must be key=value (options: {', '.join(SPEC_OPTIONS)})")
+        if name not in SPEC_OPTIONS:
+            raise DataError(f"{text}: unknown option {name!r} (options: {', '.join(SPEC_OPTIONS)})")
+        if name in options:
+            raise DataError(f"{text}: option {name!r} is given twice")
+        options[name] = value.strip()
+    return path, options
+
+
+def _medical_kind(text: str, dicom, nifti, is_nifti) -> Optional[str]:
+    """``"manifest"``, ``"NIfTI"``, ``"DICOM"`` or None (image folder, array file) for an existing path. A folder is
+    NIfTI or DICOM only when it holds no image files (.png, ...)."""
+    if os.path.isdir(text):
+        if _has_images(text):
+            return None
+        volumes, series = nifti.nifti_files(text), dicom.dicom_files(text)
+        if volumes and series:
+            raise DataError(f"{text}: holds both NIfTI volumes ({volumes[0]}) and DICOM files ({series[0]}); use one "
+                            "kind per folder, or list them in a .csv manifest")
+        return "NIfTI" if volumes else "DICOM" if series else None
+    lower = text.lower()
+    if lower.endswith(".csv"):
+        return "manifest"
+    if is_nifti(text):
+        return "NIfTI"
+    if not lower.endswith((".npz", ".npy")) and dicom.is_dicom_file(text):
+        return "DICOM"
+    return None
+
+
+def _no_medical_options(window, axis, what: str) -> None:
+    for name, value in (("window", window), ("axis", axis)):
+        if value is not None:
+            raise DataError(f"{what}: {name}= applies to DICOM and NIfTI data (and manifests listing them)")
 
 
 def _synthetic_spec(text: str, size: Size, channels: Optional[int], split: str) -> ImageSet:

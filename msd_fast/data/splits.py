@@ -2,6 +2,11 @@
 
 Every function returns sorted int64 index tensors (sorted so that lazy datasets read files in order) and is
 reproducible: the same arguments and ``seed`` give the same indices (numpy ``Generator(PCG64(seed))``).
+
+Patient-level splits: :func:`train_test_split` and :func:`split_clients` take ``groups`` (one string per image,
+e.g. :attr:`ImageSet.groups <msd_fast.data.ImageSet.groups>`, the patients). Whole groups are then assigned, so no
+patient has images on both sides; stratification is by each group's most frequent label, as far as whole groups
+allow.
 """
 from __future__ import annotations
 
@@ -42,8 +47,33 @@ def _sorted_tensor(indices) -> torch.Tensor:
     return torch.from_numpy(np.sort(np.asarray(indices, dtype=np.int64)))
 
 
+class _Groups:
+    """Images grouped: ``members[g]`` (image positions), ``sizes[g]`` and ``labels[g]`` (the group's most frequent
+    label, the smallest on ties) for groups in first-appearance order."""
+
+    def __init__(self, groups, labels: np.ndarray):
+        values = np.asarray(groups.detach().cpu().numpy() if isinstance(groups, torch.Tensor) else groups)
+        if values.ndim != 1 or len(values) != len(labels):
+            raise ValueError(f"groups must be 1-D with one entry per image ({len(labels)}), got shape {values.shape}")
+        _, first, inverse = np.unique(values.astype(str), return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")  # group ids in order of first appearance
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        ids = rank[inverse.reshape(-1)]
+        by_group = np.argsort(ids, kind="stable")  # image positions, group by group, ascending within each
+        self.members = np.split(by_group, np.cumsum(np.bincount(ids, minlength=len(order)))[:-1])
+        self.sizes = np.array([len(m) for m in self.members], dtype=np.int64)
+        self.labels = np.array([np.bincount(labels[m]).argmax() for m in self.members], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def images(self, chosen) -> np.ndarray:
+        return np.concatenate([self.members[g] for g in chosen]) if len(chosen) else np.zeros(0, dtype=np.int64)
+
+
 def split_clients(labels_or_n: LabelsOrCount, n_clients: int, *, alpha: Optional[float] = None,
-                  seed: int = 0) -> list[torch.Tensor]:
+                  seed: int = 0, groups=None) -> list[torch.Tensor]:
     """Partition a dataset among ``n_clients`` simulated clients.
 
     Args:
@@ -54,11 +84,14 @@ def split_clients(labels_or_n: LabelsOrCount, n_clients: int, *, alpha: Optional
             ``Dirichlet(alpha, ..., alpha)`` and the class's images (shuffled) are cut accordingly (Hsu et al. 2019).
             Small alpha (0.1) gives clients dominated by few classes; large alpha (100) approaches IID.
         seed: the random seed.
+        groups: optional ``[n]`` strings (e.g. patient IDs): every group goes to one client. IID: the shuffled
+            groups are dealt, largest first, to the client with the fewest images; Dirichlet: each class's groups
+            (by their most frequent label) are cut by the drawn shares of their images.
 
     Returns:
         ``n_clients`` sorted int64 tensors; every image is in exactly one; none is empty (a client the Dirichlet
-        draw leaves empty receives one image from the largest client). Raises ``ValueError`` if there are fewer
-        images than clients.
+        draw leaves empty receives one image -- with ``groups``, one group -- from the largest client). Raises
+        ``ValueError`` if there are fewer images (groups) than clients.
     """
     n_clients = _count(n_clients, "n_clients")
     if isinstance(labels_or_n, (int, np.integer)) and not isinstance(labels_or_n, bool):
@@ -70,11 +103,15 @@ def split_clients(labels_or_n: LabelsOrCount, n_clients: int, *, alpha: Optional
         n = len(labels)
     if n < n_clients:
         raise ValueError(f"cannot give {n_clients} clients at least one image each from {n} images")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not (0 < alpha < math.inf)):
+        raise ValueError(f"alpha must be a positive finite number (or None for IID), got {alpha!r}")
+    if groups is not None:
+        return _split_groups_among_clients(_Groups(groups, np.zeros(n, np.int64) if labels is None else labels),
+                                           n_clients, alpha, _rng(seed))
     rng = _rng(seed)
     if alpha is None:
         return [_sorted_tensor(part) for part in np.array_split(rng.permutation(n), n_clients)]
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0 < alpha < math.inf):
-        raise ValueError(f"alpha must be a positive finite number (or None for IID), got {alpha!r}")
     parts: list[list[int]] = [[] for _ in range(n_clients)]
     for cls in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == cls))
@@ -87,6 +124,35 @@ def split_clients(labels_or_n: LabelsOrCount, n_clients: int, *, alpha: Optional
             donor = max(range(n_clients), key=lambda c: len(parts[c]))
             parts[client].append(parts[donor].pop())
     return [_sorted_tensor(part) for part in parts]
+
+
+def _split_groups_among_clients(grouped: _Groups, n_clients: int, alpha: Optional[float],
+                                rng: np.random.Generator) -> list[torch.Tensor]:
+    """:func:`split_clients` over whole groups (see its docstring)."""
+    if len(grouped) < n_clients:
+        raise ValueError(f"cannot give {n_clients} clients at least one group (patient) each from {len(grouped)} "
+                         "groups")
+    parts: list[list[int]] = [[] for _ in range(n_clients)]
+    if alpha is None:
+        loads = np.zeros(n_clients, dtype=np.int64)
+        shuffled = rng.permutation(len(grouped))
+        for g in shuffled[np.argsort(-grouped.sizes[shuffled], kind="stable")]:
+            client = int(np.argmin(loads))
+            parts[client].append(int(g))
+            loads[client] += grouped.sizes[g]
+    else:
+        for cls in np.unique(grouped.labels):
+            members = rng.permutation(np.flatnonzero(grouped.labels == cls))
+            shares = rng.dirichlet(np.full(n_clients, float(alpha)))
+            ends = np.cumsum(grouped.sizes[members])  # images up to and including each group
+            client_of = np.searchsorted(np.cumsum(shares)[:-1] * ends[-1], ends - grouped.sizes[members] / 2)
+            for g, client in zip(members, client_of):
+                parts[int(client)].append(int(g))
+        for client in range(n_clients):
+            if not parts[client]:
+                donor = max(range(n_clients), key=lambda c: len(parts[c]))
+                parts[client].append(parts[donor].pop())
+    return [_sorted_tensor(grouped.images(part)) for part in parts]
 
 
 def _largest_remainder(counts: np.ndarray, fraction: float, total: int) -> np.ndarray:
@@ -102,12 +168,17 @@ def _largest_remainder(counts: np.ndarray, fraction: float, total: int) -> np.nd
     return taken
 
 
-def train_test_split(labels: LabelsOrCount, test_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def train_test_split(labels: LabelsOrCount, test_fraction: float, seed: int = 0, *,
+                     groups=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Stratified split into ``(train, test)`` sorted index tensors.
 
     ``labels`` are 1-D integers (or an int ``n`` for an unstratified split). ``round(test_fraction * n)`` images go
     to the test split, shared among classes by largest remainder, so every class keeps its proportion (up to
     rounding). Raises ``ValueError`` unless both splits get at least one image.
+
+    With ``groups`` (``[n]`` strings, e.g. patient IDs) whole groups are assigned: for every class (of the groups'
+    most frequent labels) the shuffled groups are added to the test split while that brings its image count closer
+    to the class's share; both splits get at least one group (``ValueError`` with fewer than two groups).
     """
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
@@ -118,14 +189,37 @@ def train_test_split(labels: LabelsOrCount, test_fraction: float, seed: int = 0)
     if not 0 < total < n:
         raise ValueError(f"test_fraction={test_fraction} of {n} images leaves an empty split")
     rng = _rng(seed)
-    classes, counts = np.unique(labels, return_counts=True)
-    per_class = _largest_remainder(counts, test_fraction, total)
-    test = []
-    for cls, k in zip(classes, per_class):
-        test.extend(rng.permutation(np.flatnonzero(labels == cls))[:k].tolist())
+    if groups is not None:
+        test = _grouped_test_rows(_Groups(groups, labels), test_fraction, total, rng)
+    else:
+        classes, counts = np.unique(labels, return_counts=True)
+        test = []
+        for cls, k in zip(classes, _largest_remainder(counts, test_fraction, total)):
+            test.extend(rng.permutation(np.flatnonzero(labels == cls))[:k].tolist())
     mask = np.zeros(n, dtype=bool)
     mask[test] = True
     return _sorted_tensor(np.flatnonzero(~mask)), _sorted_tensor(np.flatnonzero(mask))
+
+
+def _grouped_test_rows(grouped: _Groups, test_fraction: float, total: int, rng: np.random.Generator) -> np.ndarray:
+    """The test images of a grouped :func:`train_test_split` (see its docstring)."""
+    if len(grouped) < 2:
+        raise ValueError(f"a patient-level split needs at least two groups (patients); all {grouped.sizes.sum()} "
+                         "images belong to one")
+    classes = np.unique(grouped.labels)
+    counts = np.array([grouped.sizes[grouped.labels == c].sum() for c in classes])
+    targets = _largest_remainder(counts, test_fraction, total)
+    chosen = np.zeros(len(grouped), dtype=bool)
+    for cls, target in zip(classes, targets):
+        taken = 0
+        for g in rng.permutation(np.flatnonzero(grouped.labels == cls)):
+            if abs(taken + grouped.sizes[g] - target) < abs(taken - target):
+                chosen[g], taken = True, taken + grouped.sizes[g]
+    if not chosen.any():  # every group is larger than the test share: the smallest one is the test split
+        chosen[int(np.argmin(grouped.sizes))] = True
+    if chosen.all():
+        chosen[int(np.argmax(grouped.sizes))] = False
+    return grouped.images(np.flatnonzero(chosen))
 
 
 def label_fraction_subset(labels: LabelsOrCount, fraction: float, seed: int = 0) -> torch.Tensor:

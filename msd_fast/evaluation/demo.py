@@ -25,7 +25,7 @@ import torch
 
 from ..checks import resolve_device
 from ..client.encode import encode_dataset, warn_if_weak
-from ..data import ImageSet, label_fraction_subset, load_dataset, split_clients, train_test_split
+from ..data import SPEC_HELP, ImageSet, label_fraction_subset, load_dataset, split_clients, train_test_split
 from ..data.convert import check_image_size
 from ..client import Recipe
 from . import FedAvgSettings, LabelledSplit, build_classifier, fedavg_baseline, finetune_and_evaluate, probe
@@ -73,8 +73,8 @@ class DemoConfig:
     :class:`~msd_fast.evaluation.FedAvgSettings` it passes on."""
 
     out: str = flag("demo_out", "report folder (also holds the demo's key, shards, checkpoints and models)")
-    data: str = flag("synthetic:2400", "labelled data: synthetic[:N], an image folder with class sub-folders, a "
-                                     "MedMNIST .npz or a .npy")
+    data: str = flag("synthetic:2400", f"labelled data (class sub-folders, a labelled .npz, a manifest with labels): "
+                                     f"{SPEC_HELP}")
     image_size: Optional[int] = flag(None, "resize images to this side", default_text="as stored; synthetic: 32")
     clients: int = flag(3, "simulated clients")
     alpha: Optional[float] = flag(None, "Dirichlet concentration of a non-IID split", default_text="IID")
@@ -295,9 +295,10 @@ class Demo:
     def split(self, dataset: ImageSet, seed: int) -> SeedData:
         config = self.config
         images, labels = dataset.to_tensor(), torch.as_tensor(dataset.labels).long()
-        train, test = train_test_split(labels, config.test_fraction, seed=seed)
-        clients = [train[rows] for rows in split_clients(labels[train], config.clients, alpha=config.alpha,
-                                                          seed=seed)]
+        groups = dataset.groups  # patients (DICOM, NIfTI, manifests): each stays on one side and with one client
+        train, test = train_test_split(labels, config.test_fraction, seed=seed, groups=groups)
+        clients = [train[rows] for rows in split_clients(labels[train], config.clients, alpha=config.alpha, seed=seed,
+                                                          groups=None if groups is None else groups[train.numpy()])]
         return SeedData(images, labels, test, clients, int(labels.max()) + 1)
 
     def consortium_key(self) -> Key:
