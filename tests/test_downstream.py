@@ -265,7 +265,7 @@ def test_plain_domain_classifier_equals_the_encrypted_domain_one(exported_backbo
 
 def test_the_wrong_key_is_refused_by_fingerprint(exported_backbones, key):
     wrong = Key.from_secret(b"another consortium")
-    with pytest.raises(ValueError, match="not the one") as error:
+    with pytest.raises(ValueError, match="not with this key") as error:
         pretrained_classifier(exported_backbones["image"], wrong, 5, mean=0.0, std=1.0)
     message = str(error.value)
     assert wrong.fingerprint in message and key.fingerprint in message

@@ -70,7 +70,7 @@ def pretrained_classifier(path: str, key: Key, n_classes: int, *, mean: float, s
     ``n_classes`` outputs, initialised from ``seed`` (so a fine-tuning run is reproducible, and the plain and
     encrypted domains start from the same head). ``mean``/``std``: the client's scalar input standardisation (raw
     pixel units); unused in token mode, where the key-derived embedder scales its inputs itself. Raises
-    ``ValueError`` if ``key`` is not the one the backbone was pretrained with."""
+    ``ValueError`` if ``key`` is not the one the backbone was pretrained with (``TypeError`` if it is no key)."""
     if domain not in DOMAINS:
         raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
     vit, metadata = load_exported(path)

@@ -360,74 +360,134 @@ ASSUMPTIONS = (
 )
 
 
-def _token_rows(victims: torch.Tensor, known: torch.Tensor, key: Key, *, embed_dim: int, patch_size: int,
-                sample_ids: torch.Tensor, known_ids: torch.Tensor, known_pairs: Sequence[int], max_value: float,
-                received: Optional[torch.Tensor], figure: list, figure_rows: int, log) -> list:
+@dataclasses.dataclass
+class _TokenScene:
+    """One token width ``D`` of the token-mode study: the victims' tokens as the server receives them
+    (``received [B, N, D]``, per-image permuted), the attacker's known pairs, and the truth that scores an attack
+    (``truth [B, N]``: received token ``i`` sat at position ``truth[b, i]``). :meth:`record` adds a scored row."""
+
+    victims: torch.Tensor
+    embedder: TokenEmbedder
+    patch_size: int
+    max_value: float
+    received: torch.Tensor
+    known_received: torch.Tensor
+    truth: torch.Tensor
+    known_truth: torch.Tensor
+    known_units: torch.Tensor
+    true_patches: torch.Tensor
+    prior_mean: torch.Tensor
+    prior_cov: torch.Tensor
+    mean_patch_psnr: float  # no attack: the prior's mean patch at every position
+    figure: list
+    figure_rows: int
+    log: Callable[[str], None]
+    rows: list = dataclasses.field(default_factory=list)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.victims.shape[2] // self.patch_size, self.victims.shape[3] // self.patch_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.embedder.weight.shape[0]
+
+    def record(self, attack: str, k: Optional[int], position: float, grouped: Optional[float],
+               patches: Optional[torch.Tensor], positions: Optional[torch.Tensor], label: Optional[str] = None) -> None:
+        """Score one attack: ``position`` / ``grouped`` accuracies, and with ``patches [B, N, L]`` (embedder units)
+        placed at ``positions [B, N]`` the patch and image PSNR / SSIM; ``label`` puts the images in the figure."""
+        max_value, N = self.max_value, self.truth.shape[1]
+        entry = dict(embed_dim=self.embed_dim, attack=attack, k=k, position=position, grouped=grouped,
+                     patch_psnr=None, image_psnr=None, image_ssim=None, mean_patch_psnr=self.mean_patch_psnr,
+                     chance_position=chance_position_accuracy(N))
+        if patches is not None:
+            pixels = _to_pixels(patches, max_value)
+            entry["patch_psnr"] = set_psnr(pixels, _to_pixels(self.true_patches, max_value), max_value)
+            image = _assemble(pixels, positions, tuple(self.victims.shape[1:]), self.patch_size)
+            entry["image_psnr"] = set_psnr(image, self.victims, max_value)
+            entry["image_ssim"] = float(ssim(image, self.victims, max_value).mean())
+            if label:
+                self.figure.append((label, image[:self.figure_rows]))
+        self.rows.append(entry)
+        self.log(f"  tokens D={self.embed_dim}: {attack}: position {_percent(position)}, patch PSNR "
+                 f"{_db(entry['patch_psnr'])}")
+
+
+def _token_scene(victims: torch.Tensor, known: torch.Tensor, key: Key, *, embed_dim: int, patch_size: int,
+                 sample_ids: torch.Tensor, known_ids: torch.Tensor, max_value: float,
+                 received: Optional[torch.Tensor], figure: list, figure_rows: int, log) -> _TokenScene:
+    """Embed and permute ``victims`` (unless the shard's ``received`` tokens are given) and ``known`` with ``key``."""
     B, C, H, W = victims.shape
     p = patch_size
-    rows, cols = H // p, W // p
-    N = rows * cols
+    N = (H // p) * (W // p)
     embedder = TokenEmbedder.from_key(key, patch_size=p, in_chans=C, image_size=(H, W), embed_dim=embed_dim,
                                       max_value=max_value)
     with torch.no_grad():
         if received is None:
             received = permute_tokens(embedder(victims), key, sample_ids)
         known_received = permute_tokens(embedder(known), key, known_ids)
-    received = received.float()
-    truth = key.token_permutations(N, sample_ids)                 # received token i sat at position truth[b, i]
-    known_truth = key.token_permutations(N, known_ids)
+    truth = key.token_permutations(N, sample_ids)
     plain_units = _to_units(image_to_blocks(victims, p), max_value)         # [B, N, L] in position order
     true_patches = torch.gather(plain_units, 1, truth[:, :, None].expand(-1, -1, plain_units.shape[2]))
     known_units = _to_units(image_to_blocks(known, p), max_value)
     prior_mean, prior_cov = patch_prior(known_units)
     mean_patch = _to_pixels(prior_mean.expand_as(true_patches), max_value)
-    mean_patch_psnr = set_psnr(mean_patch, _to_pixels(true_patches, max_value), max_value)
-    geometry = (C, H, W)
-    out = []
+    return _TokenScene(victims=victims, embedder=embedder, patch_size=p, max_value=max_value,
+                       received=received.float(), known_received=known_received, truth=truth,
+                       known_truth=key.token_permutations(N, known_ids), known_units=known_units,
+                       true_patches=true_patches, prior_mean=prior_mean, prior_cov=prior_cov,
+                       mean_patch_psnr=set_psnr(mean_patch, _to_pixels(true_patches, max_value), max_value),
+                       figure=figure, figure_rows=figure_rows, log=log)
 
-    def row(attack, k, position, grouped, patches, positions, label=None):
-        entry = dict(embed_dim=embed_dim, attack=attack, k=k, position=position, grouped=grouped, patch_psnr=None,
-                     image_psnr=None, image_ssim=None, mean_patch_psnr=mean_patch_psnr,
-                     chance_position=chance_position_accuracy(N))
-        if patches is not None:
-            pixels = _to_pixels(patches, max_value)
-            entry["patch_psnr"] = set_psnr(pixels, _to_pixels(true_patches, max_value), max_value)
-            image = _assemble(pixels, positions, geometry, p)
-            entry["image_psnr"] = set_psnr(image, victims, max_value)
-            entry["image_ssim"] = float(ssim(image, victims, max_value).mean())
-            if label:
-                figure.append((label, image[:figure_rows]))
-        out.append(entry)
-        log(f"  tokens D={embed_dim}: {attack}: position {_percent(position)}, patch PSNR "
-            f"{_db(entry['patch_psnr'])}")
 
-    public = public_embedder_attack(received, embedder.weight.reshape(embed_dim, -1), embedder.pos, prior_mean,
-                                    prior_cov)
-    row("public embedder + patch prior", None, float((public.positions == truth).double().mean()), None,
-        public.patches, public.positions, f"tokens D={embed_dim}, public embedder")
+def _public_embedder_row(scene: _TokenScene) -> None:
+    """The embedder leaked: positions by a Gaussian classifier, patches by the posterior mean."""
+    D = scene.embed_dim
+    public = public_embedder_attack(scene.received, scene.embedder.weight.reshape(D, -1), scene.embedder.pos,
+                                    scene.prior_mean, scene.prior_cov)
+    scene.record("public embedder + patch prior", None, float((public.positions == scene.truth).double().mean()),
+                 None, public.patches, public.positions, f"tokens D={D}, public embedder")
 
-    labels = cluster_token_positions(torch.cat([known_received.float(), received]))
-    known_labels, labels = labels[:known.shape[0]], labels[known.shape[0]:]
+
+def _secret_embedder_rows(scene: _TokenScene, known_pairs: Sequence[int]) -> None:
+    """The embedder secret: tokens grouped by position across images (tokens only), then named and inverted with
+    ``k`` known pairs."""
+    rows, cols = scene.grid
+    N, truth, n_known = scene.truth.shape[1], scene.truth, scene.known_received.shape[0]
+    labels = cluster_token_positions(torch.cat([scene.known_received.float(), scene.received]))
+    known_labels, labels = labels[:n_known], labels[n_known:]
     votes = torch.zeros(N, N, dtype=torch.float64)
     votes.index_put_((labels.reshape(-1), truth.reshape(-1)), torch.ones(labels.numel(), dtype=torch.float64),
                      accumulate=True)
     naming = assign(-votes)
     grouped = float((naming[labels] == truth).double().mean())
-    cells = cluster_layout(received, labels, rows, cols)
+    cells = cluster_layout(scene.received, labels, rows, cols)
     absolute = max(float((symmetric_positions(cells, rows, cols, DIHEDRAL[name])[labels] == truth).double().mean())
                    for name in symmetries(rows, cols))
-    row("secret embedder, tokens only", None, absolute, grouped, None, None)
+    scene.record("secret embedder, tokens only", None, absolute, grouped, None, None)
+    known_units, known_truth = scene.known_units, scene.known_truth
     for k in known_pairs:
-        if k > known.shape[0]:
+        if k > n_known:
             continue
         names = label_clusters(known_labels[:k], known_truth[:k])
         target = torch.gather(known_units[:k], 1, known_truth[:k, :, None].expand(-1, -1, known_units.shape[2]))
-        model = fit_token_inversion(known_received[:k].float(), known_labels[:k], target)
+        model = fit_token_inversion(scene.known_received[:k].float(), known_labels[:k], target)
         positions = names[labels]
-        row(f"secret embedder + {k} known pairs", k, float((positions == truth).double().mean()), grouped,
-            model.predict(received, labels), positions,
-            f"tokens D={embed_dim}, {k} known pairs" if k == max(known_pairs) else None)
-    return out
+        scene.record(f"secret embedder + {k} known pairs", k, float((positions == truth).double().mean()), grouped,
+                     model.predict(scene.received, labels), positions,
+                     f"tokens D={scene.embed_dim}, {k} known pairs" if k == max(known_pairs) else None)
+
+
+def _token_rows(victims: torch.Tensor, known: torch.Tensor, key: Key, *, embed_dim: int, patch_size: int,
+                sample_ids: torch.Tensor, known_ids: torch.Tensor, known_pairs: Sequence[int], max_value: float,
+                received: Optional[torch.Tensor], figure: list, figure_rows: int, log) -> list:
+    """The token-mode rows of one width ``D``: public embedder, secret embedder (tokens only, ``k`` known pairs)."""
+    scene = _token_scene(victims, known, key, embed_dim=embed_dim, patch_size=patch_size, sample_ids=sample_ids,
+                         known_ids=known_ids, max_value=max_value, received=received, figure=figure,
+                         figure_rows=figure_rows, log=log)
+    _public_embedder_row(scene)
+    _secret_embedder_rows(scene, known_pairs)
+    return scene.rows
 
 
 def run_audit(images: torch.Tensor, key: Key, *, patch_size: int = 16, known_pairs: Sequence[int] = (1, 10, 100),
