@@ -39,7 +39,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .keys import Key, require_key
-from .ops._checks import check_max_value
+from .checks import check_max_value
 from .ops.masked_gather import masked_gather
 
 Stats = Union[float, Sequence[float], None]

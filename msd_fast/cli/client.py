@@ -11,7 +11,7 @@ from ..checks import require
 from ..client.encode import DEFAULT_EMBED_DIM, MODES, TOKEN_DTYPES, warn_if_weak
 from ..data import SPEC_HELP
 from ..data.convert import check_image_size
-from ..ops._checks import check_positive_int
+from ..checks import check_positive_int
 from ..protocol.encryption import CIPHER_DTYPES, SCHEMES, EncryptionSpec
 from ..protocol.shard_sets import DEFAULT_MAX_SHARD_SIZE
 from .flags import Part, build_part, check_required, compose, flag, image_size

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..cli.flags import flag
-from ..ops._checks import check_positive_int
+from ..checks import check_positive_int
 from ..server.schedules import cosine_schedule
 
 

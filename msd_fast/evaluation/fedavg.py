@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..cli.flags import flag
-from ..ops._checks import check_positive_int
+from ..checks import check_positive_int
 from .communication import Communication, state_dict_bytes
 from ..client.finetune import Recipe, train_classifier
 

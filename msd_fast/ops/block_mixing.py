@@ -24,7 +24,7 @@ import torch
 
 from ..backends import kernels_for, resolve_backend
 from ..keys import Key, SampleIds, require_key, sample_ids_list
-from ._checks import FLOAT_DTYPES, check_dim, check_dtype, check_positive_int, check_tensor
+from ..checks import FLOAT_DTYPES, check_dim, check_dtype, check_positive_int, check_tensor
 from .patch_encryption import IMAGE_DTYPES, blocks_to_image, image_to_blocks, resolve_max_value
 
 OP_NAME = "block_mix"

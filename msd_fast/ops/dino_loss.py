@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import kernels_for, resolve_backend
-from ._checks import check_dim, check_dtype, check_positive_int, check_same_device, check_tensor
+from ..checks import check_dim, check_dtype, check_positive_int, check_same_device, check_tensor
 
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 OP_NAME = "dino_loss"

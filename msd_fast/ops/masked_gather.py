@@ -25,7 +25,7 @@ from typing import Optional, Union
 import torch
 
 from ..backends import kernels_for, resolve_backend
-from ._checks import FLOAT_DTYPES, check_dim, check_dtype, check_positive_int, check_same_device, check_tensor
+from ..checks import FLOAT_DTYPES, check_dim, check_dtype, check_positive_int, check_same_device, check_tensor
 
 OP_NAME = "masked_gather"
 INDEX_DTYPES = (torch.int32, torch.int64)

@@ -18,7 +18,7 @@ import torch
 
 from ..backends import kernels_for, resolve_backend
 from ..keys import Key, SampleIds, key_from_handle, require_key, sample_ids_list
-from ._checks import FLOAT_DTYPES, check_dim, check_dtype, check_max_value, check_positive_int, check_tensor
+from ..checks import FLOAT_DTYPES, check_dim, check_dtype, check_max_value, check_positive_int, check_tensor
 
 IMAGE_DTYPES = (torch.uint8,) + FLOAT_DTYPES
 OP_NAME = "patch_permute"

@@ -13,7 +13,7 @@ import torch
 
 from ..backends import resolve_backend
 from ..keys import Key, SampleIds, key_from_handle, require_key, sample_ids_list
-from ._checks import FLOAT_DTYPES, check_dim, check_dtype, check_tensor
+from ..checks import FLOAT_DTYPES, check_dim, check_dtype, check_tensor
 from .masked_gather import masked_gather
 
 OP_NAME = "token_permutation"

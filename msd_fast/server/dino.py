@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..ops._checks import check_positive_int
+from ..checks import check_positive_int
 from ..ops.dino_loss import dino_loss
 
 
