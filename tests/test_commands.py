@@ -200,7 +200,7 @@ def test_the_library_modules_keep_no_command_line_code():
 
 
 def test_a_part_renames_its_settings_in_messages_and_refuses_unknown_fields():
-    from msd_fast.cli.flags import Part
+    from msd_fast.settings import Part
 
     part = Part(Recipe, "recipe", rename={"lr": "finetune_lr", "steps": "finetune_steps"})
     assert part.rename_message("lr must be > 0, got 0") == "--finetune-lr must be > 0, got 0"

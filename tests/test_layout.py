@@ -2,6 +2,7 @@
 DeprecationWarning naming the new place)."""
 import importlib
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ def test_top_level_is_the_roles_and_a_few_shared_modules():
     folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     modules = {p.stem for p in PACKAGE.glob("*.py")}
     assert folders == {"cli", "client", "data", "evaluation", "ops", "protocol", "server"}
-    assert modules == {"__init__", "_moved", "atomic", "backends", "checks", "keys", "vit"}
+    assert modules == {"__init__", "_moved", "atomic", "backends", "checks", "keys", "settings", "vit"}
 
 
 def test_old_module_paths_still_import_with_a_warning():
@@ -40,6 +41,14 @@ for old in sorted(MOVED):
     assert sorted(lines) == sorted(MOVED)
     for old, targets in MOVED.items():
         assert lines[old].startswith(f"{old} moved to {targets[0]}"), (old, lines[old])
+
+
+def test_library_code_does_not_import_the_command_line():
+    # the command line sits on top: the library's settings are declared in msd_fast.settings, not in msd_fast.cli
+    importing_cli = re.compile(r"^\s*(from\s+\.+cli\b|from\s+msd_fast\.cli\b|import\s+msd_fast\.cli\b)", re.M)
+    offenders = [str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+                 if "cli" not in path.relative_to(PACKAGE).parts and importing_cli.search(path.read_text())]
+    assert offenders == []
 
 
 def test_old_names_are_the_new_objects():

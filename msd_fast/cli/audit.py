@@ -16,7 +16,8 @@ import torch
 from ..checks import is_positive_int, require
 from ..data import SPEC_HELP
 from ..protocol.encryption import CIPHER_DTYPES, SCHEMES, EncryptionSpec
-from .flags import flag, int_list, quick_flag
+from ..settings import flag, quick_flag
+from .flags import int_list
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 DEFAULT_DATA = "synthetic:256"

@@ -14,7 +14,8 @@ from ..data.convert import check_image_size
 from ..checks import check_positive_int
 from ..protocol.encryption import CIPHER_DTYPES, SCHEMES, EncryptionSpec
 from ..protocol.shard_sets import DEFAULT_MAX_SHARD_SIZE
-from .flags import Part, build_part, check_required, compose, flag, image_size
+from ..settings import Part, build_part, check_required, compose, flag
+from .flags import image_size
 
 SPLITS = ("train", "val", "test")
 

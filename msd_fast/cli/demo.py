@@ -8,7 +8,7 @@ from typing import Optional
 
 from ..evaluation.demo import DemoConfig
 from ..evaluation.encryption_demo import check_geometry
-from .flags import flag
+from ..settings import flag
 
 
 def run_demo(config: DemoConfig) -> int:

@@ -36,7 +36,8 @@ from ..evaluation.tasks import LabelledSplit, build_classifier, fedavg_baseline,
 from ..evaluation.fedavg import FedAvgSettings
 from ..evaluation.probe import default_k
 from ..client.finetune import Recipe
-from .flags import Part, build_part, check_required, compose, flag, image_size
+from ..settings import Part, build_part, check_required, compose, flag
+from .flags import image_size
 
 DEFAULT_ARCH = "vit_tiny_patch16_224"
 DEFAULT_PATCH_SIZE = 16

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Optional
 
 from ..server.config import PretrainConfig
-from .flags import check_required, flag
+from ..settings import check_required, flag
 
 
 def run_pretrain(config: PretrainConfig) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..cli.flags import flag
+from ..settings import flag
 from ..checks import check_positive_int
 from ..server.schedules import cosine_schedule
 

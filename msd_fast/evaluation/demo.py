@@ -34,7 +34,7 @@ from .metrics import classification_metrics
 from .probe import knn_probabilities
 from ..protocol.encryption import CIPHER_DTYPES, SCHEMES, EncryptionSpec
 from ..checks import is_positive_int, require
-from ..cli.flags import Part, build_part, compose, flag, quick_flag
+from ..settings import Part, build_part, compose, flag, quick_flag
 from ..keys import Key
 from ..server import PretrainConfig, export_backbone, pretrain
 from ..protocol.shards import open_shard

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..cli.flags import flag
+from ..settings import flag
 from ..checks import check_positive_int
 from .communication import Communication, state_dict_bytes
 from ..client.finetune import Recipe, train_classifier

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..checks import require
-from ..cli.flags import flag
+from ..settings import flag
 
 
 @dataclass
