@@ -136,6 +136,12 @@ def _add_client_parsers(commands) -> None:
     encode = commands.add_parser("encode", help="client: encrypt a dataset once into the shard to upload")
     add_encode_arguments(encode)
     encode.set_defaults(run=run_encode, out_kind="file")
+    from ..client.timm_export import add_export_timm_arguments, run_export_timm
+
+    export_timm = commands.add_parser("export-timm", help="client: write the decrypted model as a timm hub folder "
+                                                          "(timm.create_model('local-dir:FOLDER'))")
+    add_export_timm_arguments(export_timm)
+    export_timm.set_defaults(run=run_export_timm)
 
 
 def _add_pretrain_parsers(commands) -> None:
