@@ -65,7 +65,8 @@ class ImageClassifier(nn.Module):
 
 
 def checked_export(path: str, key: Key) -> tuple[VisionTransformer, dict]:
-    """``load_exported(path)``: the exported backbone and its metadata; ``ValueError`` if ``key`` is not the one it was pretrained with."""
+    """``load_exported(path)``: the exported backbone and its metadata; ``ValueError`` if ``key`` is not the one it
+    was pretrained with."""
     vit, metadata = load_exported(path)
     if metadata["key_fingerprint"] != key.fingerprint:
         raise ValueError(f"the key (fingerprint {key.fingerprint}) is not the one {path} was pretrained with "

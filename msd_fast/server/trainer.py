@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .dino import DINOLoss
 from ..protocol.encryption import EncryptionSpec
+from ..protocol.shards import ShardMetadata
 from ..ops.masked_gather import mark_index_range, sample_views
 from . import distributed
 from .augment import commuting_augmentation
@@ -49,9 +50,9 @@ def derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def build_networks(config: PretrainConfig, data: ShardDataset, input_stats: tuple[float, float]):
-    """Student and teacher :class:`MaskedSamplingNet` (teacher: same weights, no stochastic depth, no gradients)."""
-    meta = data.metadata
+def build_networks(config: PretrainConfig, meta: ShardMetadata, input_stats: tuple[float, float]):
+    """Student and teacher :class:`MaskedSamplingNet` for data of geometry ``meta`` (teacher: same weights, no
+    stochastic depth, no gradients)."""
     token_mode = meta.mode == "token"
     overrides = config.model_overrides()
     if token_mode:
@@ -112,6 +113,64 @@ def _comparable(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in PretrainConfig.RUNTIME_ONLY}
 
 
+def draw_views(config: PretrainConfig, batch_size: int, num_tokens: int,
+               generator: torch.Generator) -> list[torch.Tensor]:
+    """The masked views of one batch: ``[global_views, batch_size, K_global]`` and, with local views,
+    ``[local_views, batch_size, K_local]`` kept-token indices (:func:`~msd_fast.sample_views`)."""
+    groups = [(config.global_views, config.global_keep)]
+    if config.local_views:
+        groups.append((config.local_views, config.local_keep))
+    return [sample_views(batch_size, num_tokens, n, keep, generator=generator) for n, keep in groups]
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``teacher <- momentum * teacher + (1 - momentum) * student``, parameter by parameter."""
+    teacher_params = list(teacher.parameters())
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, [p.detach() for p in student.parameters()], alpha=1.0 - momentum)
+
+
+def distillation_step(student: nn.Module, teacher: MaskedSamplingNet, loss_fn: DINOLoss,
+                      optimizer: torch.optim.Optimizer, inputs: torch.Tensor, views: list[torch.Tensor],
+                      config: PretrainConfig, *, num_tokens: int, epoch: int, step: int, lr: float,
+                      weight_decay: float, momentum: float, student_inputs: Optional[torch.Tensor] = None,
+                      bf16: bool = False) -> float:
+    """One MS-DINO update; returns the loss. ``student``: a :class:`MaskedSamplingNet` (or its DDP wrapper) on
+    ``student_inputs`` (default ``inputs``, ``[B, ...]``) and every view of ``views`` (from :func:`draw_views`, on
+    the inputs' device, over ``num_tokens`` patch tokens); ``teacher`` on ``inputs`` -- every token
+    (``config.teacher_views == "all"``) or the global views; :class:`~msd_fast.DINOLoss` at ``epoch``; the
+    scheduled ``lr``/``weight_decay`` (on the groups marked ``decayed``), gradient clipping, last-layer freezing, AdamW step, teacher EMA with ``momentum``. ``step`` only
+    names the step in the error raised for a non-finite loss."""
+    module = getattr(student, "module", student)  # the network under a DDP wrapper
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group["decayed"]:
+            group["weight_decay"] = weight_decay
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
+        student_out = student(inputs if student_inputs is None else student_inputs, views)
+        with torch.no_grad():
+            if config.teacher_views == "all":
+                every = teacher.all_tokens(inputs.shape[0], num_tokens, inputs.device)
+                teacher_out = teacher(inputs, [every]).repeat(config.global_views, 1)
+            else:
+                teacher_out = teacher(inputs, views[:1])
+    loss = loss_fn(student_out.float(), teacher_out.float(), epoch)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"the loss is {value} at step {step}; lower --lr or raise --clip-grad")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.clip_grad > 0:
+        nn.utils.clip_grad_norm_(module.parameters(), config.clip_grad)
+    if epoch < config.freeze_last_layer:
+        for param in module.head.last_layer.parameters():
+            param.grad = None
+    optimizer.step()
+    ema_update(teacher, module, momentum)
+    return value
+
+
 class Pretraining:
     """One pretraining run: networks, optimiser, schedules and state; :meth:`run` trains to the last epoch.
 
@@ -131,7 +190,7 @@ class Pretraining:
                              f"processes")
         self.local_batch = config.batch_size // self.info.world_size
         self.steps_per_epoch = steps_per_epoch(len(self.data), config.batch_size)
-        self.student, self.teacher = build_networks(config, self.data, self.data.input_stats())
+        self.student, self.teacher = build_networks(config, self.data.metadata, self.data.input_stats())
         self.student.to(self.info.device)
         self.teacher.to(self.info.device)
         self.student_ddp = (DistributedDataParallel(self.student, device_ids=[self.info.device.index]
@@ -178,47 +237,20 @@ class Pretraining:
     # ---- one step ----------------------------------------------------------------------------------------------
     def views(self, step: int) -> list[torch.Tensor]:
         """This process's slice of the global batch's views: ``[V, local_batch, K]`` per view group."""
-        config = self.config
-        generator = torch.Generator().manual_seed(derived_seed(config.seed, 0xF1E3, step))
-        groups = [(config.global_views, config.global_keep)]
-        if config.local_views:
-            groups.append((config.local_views, config.local_keep))
+        generator = torch.Generator().manual_seed(derived_seed(self.config.seed, 0xF1E3, step))
         first = self.info.rank * self.local_batch
-        views = [sample_views(config.batch_size, self.num_tokens, n, keep, generator=generator)
-                 [:, first:first + self.local_batch].to(self.info.device) for n, keep in groups]
+        views = [idx[:, first:first + self.local_batch].to(self.info.device)
+                 for idx in draw_views(self.config, self.config.batch_size, self.num_tokens, generator)]
         # In range by construction: spare masked_gather its index-range check (a device sync per call on GPUs).
         return [mark_index_range(idx, self.num_tokens) for idx in views]
 
     def train_step(self, inputs: torch.Tensor, epoch: int, step: int) -> float:
-        config = self.config
-        for group in self.optimizer.param_groups:
-            group["lr"] = float(self.lr[step])
-            if group["decayed"]:
-                group["weight_decay"] = float(self.wd[step])
-        torch.manual_seed(derived_seed(config.seed, 0xD50, step, self.info.rank))  # stochastic depth
-        views = self.views(step)
-        with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            student_out = self.student_ddp(self.augment(inputs, step), views)
-            with torch.no_grad():
-                if config.teacher_views == "all":
-                    every = self.teacher.all_tokens(inputs.shape[0], self.num_tokens, inputs.device)
-                    teacher_out = self.teacher(inputs, [every]).repeat(config.global_views, 1)
-                else:
-                    teacher_out = self.teacher(inputs, views[:1])
-        loss = self.loss(student_out.float(), teacher_out.float(), epoch)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"the loss is {value} at step {step}; lower --lr or raise --clip-grad")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.clip_grad > 0:
-            nn.utils.clip_grad_norm_(self.student.parameters(), config.clip_grad)
-        if epoch < config.freeze_last_layer:
-            for param in self.student.head.last_layer.parameters():
-                param.grad = None
-        self.optimizer.step()
-        self.update_teacher(step)
-        return value
+        torch.manual_seed(derived_seed(self.config.seed, 0xD50, step, self.info.rank))  # stochastic depth
+        return distillation_step(self.student_ddp, self.teacher, self.loss, self.optimizer, inputs, self.views(step),
+                                 self.config, num_tokens=self.num_tokens, epoch=epoch, step=step,
+                                 lr=float(self.lr[step]), weight_decay=float(self.wd[step]),
+                                 momentum=float(self.momentum[step]),
+                                 student_inputs=self.augment(inputs, step), bf16=self.bf16)
 
     def augment(self, inputs: torch.Tensor, step: int) -> torch.Tensor:
         """The student's inputs: contrast about mid-grey and Gaussian noise, which commute with the encryption
@@ -231,14 +263,6 @@ class Pretraining:
         return commuting_augmentation(inputs, contrast=config.contrast, noise=config.noise, midgrey=midgrey,
                                       value_range=value_range, generator=generator, global_batch=config.batch_size,
                                       first=self.info.rank * self.local_batch)
-
-    @torch.no_grad()
-    def update_teacher(self, step: int) -> None:
-        """``teacher <- m * teacher + (1 - m) * student`` with the scheduled momentum ``m``."""
-        momentum = float(self.momentum[step])
-        teacher_params = list(self.teacher.parameters())
-        torch._foreach_mul_(teacher_params, momentum)
-        torch._foreach_add_(teacher_params, [p.detach() for p in self.student.parameters()], alpha=1.0 - momentum)
 
     # ---- the loop ------------------------------------------------------------------------------------------------
     def run(self) -> dict:
