@@ -114,3 +114,32 @@ def test_bad_inputs_are_refused(clients):
     for field in ("rounds", "local_steps", "patch_size"):
         with pytest.raises(ValueError, match=field):
             FedAvgDINOSettings(**{field: 0})
+
+
+def test_demo_adds_the_fedavg_dino_row_with_its_traffic_and_rounds(tmp_path):
+    import csv
+    import json
+
+    from msd_fast.cli.commands import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--fast", "--fedavg-dino", "--no-audit", "--out", str(out), "--no-progress",
+                 "--device", "cpu"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    methods = [r["method"].split(" ")[0] for r in results["rows"]]
+    assert methods == ["MS-DINO", "FedAvg-DINO", "Fine-tuning", "FedAvg", "Raw-pixel", "Supervised,"]
+    ours, federated = results["rows"][:2]
+    block = results["per_seed"][0]["fractions"]["0.3"]
+    for name in ("fedavg_dino", "knn_fedavg_dino", "linear_fedavg_dino"):
+        assert len(block["per_client"][name]) == 3
+    mean = sum(m["accuracy"] for m in block["per_client"]["fedavg_dino"]) / 3
+    assert federated["accuracy"] == pytest.approx(mean) and federated["knn_accuracy"] is not None
+    epochs = results["config"]["epochs"]
+    assert federated["rounds"] == epochs and len(results["per_seed"][0]["fedavg_dino_history"]) == epochs
+    # every round moves two models (student and teacher) both ways: far more than MS-DINO's one download
+    assert federated["download_bytes"] > 2 * epochs * ours["download_bytes"] * 0.9
+    with open(out / "results.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 6
+    assert "FedAvg-DINO" in (out / "results.md").read_text()
+    assert (out / "accuracy_vs_communication.png").stat().st_size > 0
+    assert (out / "timm_model" / "config.json").exists() and (out / "timm_model" / "model.safetensors").exists()
