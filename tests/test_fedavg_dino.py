@@ -120,11 +120,10 @@ def test_demo_adds_the_fedavg_dino_row_with_its_traffic_and_rounds(tmp_path):
     import csv
     import json
 
-    from msd_fast.cli.commands import main
+    from msd_fast.evaluation.demo import DemoConfig, run_demo
 
     out = tmp_path / "demo"
-    assert main(["demo", "--fast", "--fedavg-dino", "--no-audit", "--out", str(out), "--no-progress",
-                 "--device", "cpu"]) == 0
+    run_demo(DemoConfig.fast(out=str(out), device="cpu", progress=False, audit=False, fedavg_dino=True))
     results = json.loads((out / "results.json").read_text())
     methods = [r["method"].split(" ")[0] for r in results["rows"]]
     assert methods == ["MS-DINO", "FedAvg-DINO", "Fine-tuning", "FedAvg", "Raw-pixel", "Supervised,"]
