@@ -11,9 +11,9 @@ supervised FedAvg over the same clients (rounds x local steps = the fine-tuning 
 networks (k-NN and linear probe), a raw-pixel k-NN (the floor) and supervised training on all labels of all clients
 pooled (the upper bound), and with ``--fedavg-dino`` the self-supervised federated baseline
 (:mod:`msd_fast.evaluation.fedavg_dino`: the same masked-sampling DINO run by the clients on their plain images,
-weights averaged every round) followed by the same fine-tuning. Everything is scored on one held-out test set per seed, which is never used to select
-anything; communication is counted from the actual payloads. Results are mean ± std over seeds of the mean over
-clients. The first seed's decrypted MS-DINO model is also written as a timm hub folder (``timm_model/``, see
+weights averaged every round) followed by the same fine-tuning. Everything is scored on one held-out test set per
+seed, which is never used to select anything; communication is counted from the actual payloads. Results are
+mean ± std over seeds of the mean over clients. The first seed's decrypted MS-DINO model is also written as a timm hub folder (``timm_model/``, see
 :mod:`msd_fast.client.timm_export`).
 """
 from __future__ import annotations
