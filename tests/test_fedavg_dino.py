@@ -105,6 +105,8 @@ def test_bad_inputs_are_refused(clients):
     settings = FedAvgDINOSettings(rounds=1, local_steps=1, patch_size=8)
     with pytest.raises(ValueError, match="clients"):
         fedavg_dino([], tiny_config(), settings, device=CPU)
+    with pytest.raises(ValueError, match=r"clients\[1\] has no images"):
+        fedavg_dino([clients[0], clients[1][:0]], tiny_config(), settings, device=CPU)
     with pytest.raises(ValueError, match=r"clients\[1\]"):
         fedavg_dino([clients[0], clients[1][:, :, :16, :16]], tiny_config(), settings, device=CPU)
     with pytest.raises(ValueError, match="uint8"):

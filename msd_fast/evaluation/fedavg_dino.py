@@ -147,6 +147,9 @@ def fedavg_dino(clients: Sequence[torch.Tensor], config: PretrainConfig, setting
     the global networks. ``on_round(round, record)`` is called after each round's averaging."""
     if not clients:
         raise ValueError("clients: FedAvg-DINO needs at least one client")
+    empty = [i for i, images in enumerate(clients) if len(images) == 0]
+    if empty:
+        raise ValueError(f"clients[{empty[0]}] has no images")
     meta = plain_geometry(clients[0], settings.patch_size)
     for i, images in enumerate(clients):
         if plain_geometry(images, settings.patch_size).item_shape != meta.item_shape:
