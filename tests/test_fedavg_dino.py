@@ -144,3 +144,15 @@ def test_demo_adds_the_fedavg_dino_row_with_its_traffic_and_rounds(tmp_path):
     assert "FedAvg-DINO" in (out / "results.md").read_text()
     assert (out / "accuracy_vs_communication.png").stat().st_size > 0
     assert (out / "timm_model" / "config.json").exists() and (out / "timm_model" / "model.safetensors").exists()
+
+
+def test_the_demo_flag_reaches_the_config_also_with_fast(monkeypatch):
+    from msd_fast.cli.commands import main
+    from msd_fast.evaluation import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", seen.append)
+    assert main(["demo", "--fast", "--fedavg-dino", "--out", "unused"]) == 0
+    assert main(["demo", "--out", "unused"]) == 0
+    assert seen[0].fedavg_dino is True and seen[0].epochs == demo.DemoConfig.fast().epochs
+    assert seen[1].fedavg_dino is False  # off by default
