@@ -56,7 +56,8 @@ def test_the_server_averages_student_teacher_and_center_weighted_by_client_size(
         assert torch.allclose(param, torch.full_like(param, expected)), name
     assert torch.allclose(result.center, torch.full_like(result.center, expected))
     assert result.history[0]["loss"] == pytest.approx(expected)  # the loss is weighted the same way
-    assert float(result.teacher.input_mean) == pytest.approx(expected)  # pooled standardisation, not one client's
+    rms = ((16 * (10 - 127.5) ** 2 + 48 * (50 - 127.5) ** 2) / 64) ** 0.5
+    assert float(result.teacher.input_std) == pytest.approx(rms)  # pooled over every client, not one client's
 
 
 def test_traffic_is_the_serialised_payload_of_every_round(run, clients):
@@ -95,10 +96,10 @@ def test_the_classifier_is_the_teacher_backbone_on_plain_images(run, clients):
     assert torch.equal(again.vit.head.weight, classifier.vit.head.weight)  # the seed fixes the new head
 
 
-def test_pooled_standardisation_equals_the_statistics_of_all_pixels(clients):
+def test_pooled_standardisation_is_mid_grey_and_the_rms_of_all_pixels_about_it(clients):
     pooled = pooled_standardisation([fd._moments(c) for c in clients])
     every = torch.cat(clients).double()
-    assert pooled == pytest.approx((float(every.mean()), float(every.std())), rel=1e-9)
+    assert pooled == pytest.approx((127.5, float((every - 127.5).square().mean().sqrt())), rel=1e-9)
 
 
 def test_bad_inputs_are_refused(clients):

@@ -10,7 +10,8 @@ A round plays the part of an epoch in every epoch-indexed setting of the :class:
 teacher momentum) run over ``rounds x local_steps`` steps. Each client keeps its own optimiser state across rounds
 (never sent). Communication is counted from the serialised payloads: per round, every client downloads the global
 ``(student, teacher, center)`` and uploads its own; before the first round each uploads its pixel count, sum and sum
-of squares so the server can send back the pooled input standardisation that every client then uses.
+of squares so the server can send back the pooled input scaling (mid-grey and the RMS about it, as MS-DINO's server
+effectively applies to the ciphertext: :func:`pooled_standardisation`) that every client then uses.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 
 from ..client.classifier import ImageClassifier
 from ..ops.masked_gather import mark_index_range
+from ..protocol.encryption import MAX_VALUE
 from ..protocol.shards import ShardMetadata
 from ..server.config import PretrainConfig
 from ..server.data import epoch_batches
@@ -87,11 +89,15 @@ def _moments(images: torch.Tensor) -> torch.Tensor:
 
 
 def pooled_standardisation(moments: Sequence[torch.Tensor]) -> tuple[float, float]:
-    """Scalar mean and (unbiased) std of every client's pixels from their :func:`_moments`."""
+    """``(mid-grey, RMS of every client's pixels about mid-grey)`` from their :func:`_moments`: the input scaling the
+    MS-DINO server effectively applies. It standardises the dense ciphertext ``A (x/255 - 1/2)`` by its scalar mean
+    (about 0, i.e. mid-grey) and std (``A`` is orthogonal: the RMS about mid-grey), so the baseline differs from
+    MS-DINO only by running federated on plain pixels. Measured: with the data's own mean and std instead, the same
+    distillation learned nothing useful on the embedded set (k-NN 0.23 against 0.52, DESIGN.md)."""
     count, total, squares = (float(v) for v in torch.stack(list(moments)).sum(0))
-    mean = total / count
-    variance = max(squares - count * mean * mean, 0.0) / max(count - 1, 1)
-    return mean, max(variance ** 0.5, 1e-6)
+    centre = MAX_VALUE / 2
+    mean_square = (squares - 2 * centre * total + count * centre * centre) / count
+    return centre, max(max(mean_square, 0.0) ** 0.5, 1e-6)
 
 
 class _Client:
