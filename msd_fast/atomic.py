@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import tempfile
@@ -49,9 +50,13 @@ def remove_stale_temporaries(folder: str) -> list[str]:
         match = _STALE.match(name)
         if match and match["host"] == _HOST and int(match["pid"]) != os.getpid() and \
                 _process_is_gone(int(match["pid"])):
+            stale = os.path.join(folder, name)
             with contextlib.suppress(OSError):
-                os.unlink(os.path.join(folder, name))
-                removed.append(os.path.join(folder, name))
+                if os.path.isdir(stale) and not os.path.islink(stale):
+                    shutil.rmtree(stale)
+                else:
+                    os.unlink(stale)
+                removed.append(stale)
     return removed
 
 
@@ -97,6 +102,47 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, overwrite: bool =
 def _naming(error: OSError, path: str) -> OSError:
     """The same kind of error, about the user's ``path`` (not a temporary file they never named)."""
     return type(error)(error.errno, f"cannot write {path}: {error.strerror or error}")
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[str]:
+    """Yield the path of a temporary folder next to ``path``; when the block ends normally its files are fsynced and
+    the folder is renamed to ``path`` (with ``overwrite``, an existing ``path`` is moved aside first and removed
+    after). So a reader sees the whole folder or none of it. On any error the temporary folder is removed and
+    ``path`` is untouched; without ``overwrite`` an existing ``path`` raises ``FileExistsError`` (before and after
+    the block)."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    if not overwrite:
+        refuse_existing(path)
+    os.makedirs(parent, exist_ok=True)
+    remove_stale_temporaries(parent)
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".msd_fast-{_HOST}-{os.getpid()}-", suffix=".tmp", dir=parent)
+    except OSError as error:
+        raise _naming(error, path) from None
+    aside = None
+    try:
+        yield tmp
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        os.chmod(tmp, 0o755)
+        if os.path.exists(path):
+            if not overwrite:
+                refuse_existing(path)
+            aside = tempfile.mkdtemp(prefix=f".msd_fast-{_HOST}-{os.getpid()}-", suffix=".tmp", dir=parent)
+            os.replace(path, os.path.join(aside, "previous"))
+        os.rename(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None and os.path.exists(os.path.join(aside, "previous")) and not os.path.exists(path):
+            os.replace(os.path.join(aside, "previous"), path)  # put the previous folder back
+        raise
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 class Terminated(SystemExit):

@@ -12,7 +12,7 @@ from msd_fast.evaluation.demo import DemoConfig
 
 REPORT_FILES = ("results.md", "results.csv", "results.json", "loss_curve.png", "pretraining.png",
                 "label_fractions.png", "accuracy_vs_communication.png", "samples.png", "consortium.key",
-                "seed0/model.safetensors")
+                "seed0/model.safetensors", "timm_model/config.json", "timm_model/model.safetensors")
 
 
 @pytest.fixture(scope="module")

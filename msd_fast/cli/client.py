@@ -15,7 +15,7 @@ from ..checks import check_positive_int
 from ..protocol.encryption import CIPHER_DTYPES, SCHEMES, EncryptionSpec
 from ..protocol.shard_sets import DEFAULT_MAX_SHARD_SIZE
 from ..settings import Part, build_part, check_required, compose, flag
-from .flags import image_size
+from .flags import image_size, pixel_stats
 
 SPLITS = ("train", "val", "test")
 
@@ -156,4 +156,34 @@ def run_encode(config: EncodeConfig) -> int:
         size = f"{os.path.getsize(config.out):,} bytes, sha256 {meta.checksum}"
     print(f"  items {shape} {meta.dtype}, {size}, key fingerprint {meta.key_fingerprint}, client '{meta.client}'; "
           f"no labels written")
+    return 0
+
+
+@dataclasses.dataclass
+class ExportTimmConfig:
+    model: Optional[str] = flag(None, "the exported backbone (.safetensors from msd-fast export)", required=True)
+    key: Optional[str] = flag(None, "the consortium key the backbone was pretrained with", required=True)
+    out: Optional[str] = flag(None, "the folder to write (config.json + model.safetensors)", required=True)
+    mean: Union[float, list] = flag(127.5, "input mean the model expects, in pixel units [0, 255], one value or one "
+                                           "per channel (image mode; exact for any value; 127.5 = timm's 0.5)",
+                                    parse=pixel_stats)
+    std: Union[float, list] = flag(63.75, "input std in pixel units, one value or one per channel (63.75 = timm's "
+                                          "0.25)", parse=pixel_stats)
+    force: bool = flag(False, "replace an existing folder")
+
+    def __post_init__(self):
+        check_required(self)
+
+
+def run_export_timm(config: ExportTimmConfig) -> int:
+    from ..client.timm_export import export_timm
+    from ..keys import Key
+
+    written = export_timm(config.model, Key.load(config.key), config.out, mean=config.mean, std=config.std,
+                          overwrite=config.force)
+    model_args = written["model_args"]
+    print(f"wrote {config.out}: {written['architecture']} depth {model_args['depth']}, width "
+          f"{model_args['embed_dim']}, {model_args['in_chans']}x{model_args['img_size'][0]}x"
+          f"{model_args['img_size'][1]} plain images; load it with "
+          f"timm.create_model('local-dir:{config.out}', pretrained=True, num_classes=N)")
     return 0

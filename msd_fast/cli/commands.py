@@ -63,7 +63,7 @@ def command_table() -> tuple[Command, ...]:
     from ..evaluation.demo import DemoConfig
     from ..server.config import PretrainConfig
     from .audit import AuditConfig, run_audit
-    from .client import EncodeConfig, KeygenConfig, run_encode, run_keygen
+    from .client import EncodeConfig, ExportTimmConfig, KeygenConfig, run_encode, run_export_timm, run_keygen
     from .demo import EncryptDemoConfig, run_demo, run_encrypt_demo
     from .downstream import FedAvgConfig, FinetuneConfig, ProbeConfig, run_fedavg, run_finetune, run_probe
     from .server import ExportConfig, run_export, run_pretrain
@@ -80,6 +80,8 @@ def command_table() -> tuple[Command, ...]:
                             "several processes)", PretrainConfig, run_pretrain, "folder"),
         Command("export", "server: write the pretrained backbone as timm safetensors", ExportConfig, run_export,
                 "file"),
+        Command("export-timm", "client: write the decrypted model as a timm hub folder "
+                               "(timm.create_model('local-dir:FOLDER'))", ExportTimmConfig, run_export_timm),
         Command("finetune", "client: fine-tune the exported backbone (or the same ViT from random init) and evaluate "
                             "it", FinetuneConfig, run_finetune, "folder"),
         Command("probe", "client: k-NN and linear probe on the frozen features of the backbone (or of random init)",

@@ -16,7 +16,7 @@ def run_demo(config: DemoConfig) -> int:
 
     if config.quick:
         config = DemoConfig.smoke_test(out=config.out, seed=config.seed, device=config.device,
-                                       progress=config.progress)
+                                       progress=config.progress, fedavg_dino=config.fedavg_dino)
     demo(config)
     return 0
 

@@ -28,6 +28,16 @@ def image_size(text: str):
         raise argparse.ArgumentTypeError(f"expected S or HxW (e.g. 64 or 64x96), got {text!r}") from None
 
 
+def pixel_stats(text: str):
+    """``V`` or ``V1,V2,V3`` (pixel units) -> a float or a list of floats (one per channel)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or one per channel (e.g. 127.5 or 120,115,110), "
+                                         f"got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
 def int_list(text: str) -> tuple:
     """``1,10,100`` -> (1, 10, 100): positive integers."""
     try:

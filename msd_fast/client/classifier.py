@@ -64,6 +64,38 @@ class ImageClassifier(nn.Module):
         return self.vit.forward_head(self.vit.forward_features(self._prepare(x)), pre_logits=True)
 
 
+def checked_export(path: str, key: Key) -> tuple[VisionTransformer, dict]:
+    """``load_exported(path)``: the exported backbone and its metadata; ``ValueError`` if ``key`` is not the one it
+    was pretrained with (:func:`~msd_fast.keys.check_key_matches`; ``TypeError`` if it is no key)."""
+    vit, metadata = load_exported(path)
+    check_key_matches(key, metadata["key_fingerprint"], f"{path} was pretrained")
+    return vit, metadata
+
+
+def token_embedder(metadata: dict, key: Key, embed_dim: int) -> TokenEmbedder:
+    """The consortium's key-derived :class:`TokenEmbedder` for a token-mode export's geometry."""
+    H, W = metadata["image_size"]
+    return TokenEmbedder.from_key(key, patch_size=metadata["patch_size"], in_chans=metadata["channels"],
+                                  image_size=(H, W), embed_dim=embed_dim)
+
+
+def decrypted_backbone(path: str, key: Key, *, mean: float, std: float) -> tuple[VisionTransformer, dict]:
+    """``(plain-image ViT, metadata)`` of an image-mode export: :func:`~msd_fast.decrypt_vit` with the key (exact),
+    taking ``(x - mean) / std`` of raw pixel values ``x``; no classifier (``num_classes=0``). ``ValueError`` for a
+    wrong key or a token-mode export (its plain model needs the key-derived embedder: see
+    :func:`~msd_fast.client.timm_export.plain_vit`)."""
+    vit, metadata = checked_export(path, key)
+    if metadata["mode"] == "token":
+        raise ValueError(f"{path} is a token-mode export: its plain model is the key-derived embedder plus the "
+                         "exported blocks")
+    return _decrypt(vit, metadata, key, mean, std), metadata
+
+
+def _decrypt(vit: VisionTransformer, metadata: dict, key: Key, mean: float, std: float) -> VisionTransformer:
+    spec = EncryptionSpec.from_metadata(metadata["encryption"])
+    return decrypt_vit(vit, key, metadata["patch_size"], **spec.vit_options(), mean=mean, std=std)
+
+
 def pretrained_classifier(path: str, key: Key, n_classes: int, *, mean: float, std: float,
                           domain: str = "plain", seed: int = 0) -> ImageClassifier:
     """The client's classifier from an exported backbone (see the module docstring); a fresh linear head with
@@ -73,19 +105,15 @@ def pretrained_classifier(path: str, key: Key, n_classes: int, *, mean: float, s
     ``ValueError`` if ``key`` is not the one the backbone was pretrained with (``TypeError`` if it is no key)."""
     if domain not in DOMAINS:
         raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
-    vit, metadata = load_exported(path)
-    check_key_matches(key, metadata["key_fingerprint"], f"{path} was pretrained")
+    vit, metadata = checked_export(path, key)
     if metadata["mode"] == "token":
-        H, W = metadata["image_size"]
-        embedder = TokenEmbedder.from_key(key, patch_size=metadata["patch_size"], in_chans=metadata["channels"],
-                                          image_size=(H, W), embed_dim=vit.embed_dim)
+        embedder = token_embedder(metadata, key, vit.embed_dim)
         torch.manual_seed(seed)
         vit.reset_classifier(n_classes)
         return ImageClassifier(vit, embedder=embedder)
     spec = EncryptionSpec.from_metadata(metadata["encryption"])
     if domain == "plain":
-        vit = decrypt_vit(vit, key, metadata["patch_size"], **spec.vit_options(), mean=mean, std=std)
-        classifier = ImageClassifier(vit, mean=mean, std=std)
+        classifier = ImageClassifier(_decrypt(vit, metadata, key, mean, std), mean=mean, std=std)
     elif spec.per_sample:
         raise ValueError(f"{path} was pretrained on per-sample block orders: its encrypted domain has no fixed "
                          "order to encrypt new images with; use the plain domain")

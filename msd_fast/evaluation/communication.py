@@ -23,8 +23,12 @@ class Communication:
 
 def state_dict_bytes(model: torch.nn.Module) -> int:
     """Size of the model's weights as sent over the wire (a safetensors serialisation of the state dict)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return len(safetensors_bytes(tensors))
+    return tensors_bytes(model.state_dict())
+
+
+def tensors_bytes(tensors: dict) -> int:
+    """Size of named tensors as sent over the wire (their safetensors serialisation)."""
+    return len(safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
 
 def file_bytes(path: str) -> int:

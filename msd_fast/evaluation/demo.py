@@ -9,9 +9,12 @@ warm-up, layer-wise decay, label smoothing, selection on a validation split the 
 Compared at the same labels and the same optimisation steps: fine-tuning only (the same network from random init),
 supervised FedAvg over the same clients (rounds x local steps = the fine-tuning steps), the frozen features of both
 networks (k-NN and linear probe), a raw-pixel k-NN (the floor) and supervised training on all labels of all clients
-pooled (the upper bound). Everything is scored on one held-out test set per seed, which is never used to select
-anything; communication is counted from the actual payloads. Results are mean ± std over seeds of the mean over
-clients.
+pooled (the upper bound), and with ``--fedavg-dino`` the self-supervised federated baseline
+(:mod:`msd_fast.evaluation.fedavg_dino`: the same masked-sampling DINO run by the clients on their plain images,
+weights averaged every round) followed by the same fine-tuning. Everything is scored on one held-out test set per
+seed, which is never used to select anything; communication is counted from the actual payloads. Results are
+mean ± std over seeds of the mean over clients. The first seed's decrypted MS-DINO model is also written as a timm hub folder (``timm_model/``, see
+:mod:`msd_fast.client.timm_export`).
 """
 from __future__ import annotations
 
@@ -37,6 +40,9 @@ from ..checks import is_positive_int, require
 from ..settings import Part, build_part, compose, flag, quick_flag
 from ..keys import Key
 from ..server import PretrainConfig, export_backbone, pretrain
+from ..client.finetune import standardisation
+from ..client.timm_export import export_timm
+from .fedavg_dino import FedAvgDINOSettings, fedavg_dino, fedavg_dino_classifier
 from ..protocol.shards import open_shard
 
 
@@ -95,8 +101,11 @@ class DemoConfig:
     workers: int = flag(0, "seeds run in parallel processes (0: auto = every seed at once, up to twice the CPU "
                            "cores, on a CPU; 1 on a GPU)")
     progress: bool = flag(True, "progress bars on terminals")
-    quick: bool = quick_flag("well under a minute on a CPU; every other setting except --out, --seed, --device "
-                             "and --progress is ignored")
+    quick: bool = quick_flag("well under a minute on a CPU; every other setting except --out, --seed, --device, "
+                             "--progress and --fedavg-dino is ignored")
+    fedavg_dino: bool = flag(False, "add the FedAvg-DINO row: the same masked-sampling DINO run by the clients on "
+                                    "their plain images, --epochs rounds of one local epoch, weights averaged "
+                                    "(doubles the pretraining time)")
 
     def __post_init__(self):
         self.fractions()  # validates
@@ -159,6 +168,9 @@ class DemoConfig:
         return cls(**(small | changes))
 
 
+TIMM_FOLDER = "timm_model"  # the report's timm hub folder: the first seed's decrypted MS-DINO model
+
+
 @dataclasses.dataclass
 class SeedData:
     """One seed's split: every image, the test rows, and each client's training rows."""
@@ -193,13 +205,14 @@ class Demo:
         if workers > 1:
             per_seed = self.run_parallel(seeds, workers)
         else:
-            self.open_bar(len(seeds) * (3 + len(config.fractions())))
+            self.open_bar(len(seeds) * (3 + config.fedavg_dino + len(config.fractions())))
             per_seed = [self.run_seed(dataset, key, seed) for seed in seeds]
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
         results = {"config": dataclasses.asdict(config), "seeds": seeds, "per_seed": per_seed,
-                   "device": str(self.device), "class_names": list(dataset.class_names or [])}
+                   "device": str(self.device), "class_names": list(dataset.class_names or []),
+                   "timm_model": TIMM_FOLDER}
         if config.audit:
             self.stage("quick privacy audit")
             results["audit"] = self.quick_audit(self.split(dataset, seeds[0]), key)
@@ -239,13 +252,34 @@ class Demo:
         export_backbone(os.path.join(folder, "pretrain", "checkpoint.pt"), model_path, overwrite=True)
         ours = Communication(upload_bytes=int(np.mean([file_bytes(p) for p in shards])),
                              download_bytes=file_bytes(model_path), rounds=1)
+        if seed == self.config.seed:  # the first seed's decrypted model, for any timm/PyTorch script
+            mean, std = standardisation(data.images[data.clients[0]])  # client 0's own statistics
+            export_timm(model_path, key, os.path.join(self.config.out, TIMM_FOLDER), mean=mean, std=std,
+                        overwrite=True)
+        federated = None
+        if self.config.fedavg_dino:
+            self.stage(f"seed {seed}: FedAvg-DINO")
+            federated = self.fedavg_dino(data, folder, seed)
         self.stage(f"seed {seed}: upper bound")
         upper = self.upper_bound(data, seed)
         fractions = {}
         for fraction in self.config.fractions():
             self.stage(f"seed {seed}: label fraction {fraction:g}")
-            fractions[str(fraction)] = self.evaluate_fraction(data, model_path, key, seed, fraction, ours)
-        return {"seed": seed, "pretrain_history": summary["history"], "upper_bound": upper, "fractions": fractions}
+            fractions[str(fraction)] = self.evaluate_fraction(data, model_path, key, seed, fraction, ours, federated)
+        result = {"seed": seed, "pretrain_history": summary["history"], "upper_bound": upper, "fractions": fractions}
+        if federated is not None:
+            result["fedavg_dino_history"] = federated.history
+        return result
+
+    def fedavg_dino(self, data: SeedData, folder: str, seed: int):
+        """The FedAvg-DINO baseline on the clients' plain images: MS-DINO's hyperparameters, ``--epochs`` rounds of
+        one local epoch each (the same distillation steps per image as the server's pretraining)."""
+        config = self.pretrain_config(["<plain images>"], folder, seed)
+        sizes = [len(rows) for rows in data.clients]
+        local_steps = max(1, round(float(np.mean(sizes)) / config.batch_size))
+        settings = FedAvgDINOSettings(rounds=self.config.epochs, local_steps=local_steps,
+                                      patch_size=self.config.patch_size, seed=seed)
+        return fedavg_dino([data.images[rows] for rows in data.clients], config, settings, device=self.device)
 
     def quick_audit(self, data: SeedData, key: Key) -> dict:
         """The quick privacy audit (:func:`~msd_fast.evaluation.audit.quick.quick_audit`) of the encryption this run used: the
@@ -357,27 +391,36 @@ class Demo:
         return splits
 
     def evaluate_fraction(self, data: SeedData, model_path: str, key: Key, seed: int, fraction: float,
-                          ours: Communication) -> dict:
-        """Every method at one label fraction: per-client metrics (fine-tuning, probes, pixel floor) and FedAvg."""
+                          ours: Communication, federated=None) -> dict:
+        """Every method at one label fraction: per-client metrics (fine-tuning, probes, pixel floor), FedAvg and,
+        with ``federated`` (a :class:`~msd_fast.evaluation.fedavg_dino.FedAvgDINOResult`), FedAvg-DINO."""
         splits = self.labelled_splits(data, seed, fraction)
-        per_client = {name: [] for name in ("ms_dino", "random", "knn_ms_dino", "knn_random", "linear_ms_dino",
-                                            "linear_random", "pixel_knn")}
+        pretrained = ["ms_dino"] + (["fedavg_dino"] if federated is not None else [])
+        names = pretrained + ["random"]
+        per_client = {name: [] for name in names + [f"{probe}_{name}" for probe in ("knn", "linear")
+                                                    for name in names] + ["pixel_knn"]}
         for c, split in enumerate(splits):
-            for name, model in (("ms_dino", model_path), ("random", None)):
-                classifier = build_classifier(split, model=model, key=key, random_arch=self.random_arch(data),
-                                              seed=seed * 1009 + c)
+            for name in names:
+                if name == "fedavg_dino":
+                    classifier = fedavg_dino_classifier(federated.teacher, split.n_classes, seed=seed * 1009 + c)
+                else:
+                    classifier = build_classifier(split, model=model_path if name == "ms_dino" else None, key=key,
+                                                  random_arch=self.random_arch(data), seed=seed * 1009 + c)
                 probes = probe(classifier, split, device=self.device)
                 per_client["knn_" + name].append(probes["knn"])
                 per_client["linear_" + name].append(probes["linear"])
                 per_client[name].append(finetune_and_evaluate(classifier, split, self.config.recipe(seed * 1009 + c),
-                                                              device=self.device, pretrained=model is not None))
+                                                              device=self.device, pretrained=name in pretrained))
             per_client["pixel_knn"].append(pixel_knn(split))
         fed_metrics, fed_traffic = fedavg_baseline(splits, self.random_arch(data), self.config.recipe(seed),
                                                    self.config.fedavg_settings(seed), device=self.device)
+        communication = {"ms_dino": dataclasses.asdict(ours), "random": dataclasses.asdict(Communication(0, 0, 0)),
+                         "fedavg": dataclasses.asdict(fed_traffic)}
+        if federated is not None:
+            communication["fedavg_dino"] = dataclasses.asdict(federated.communication)
         return {"per_client": per_client, "fedavg": fed_metrics, "labelled_per_client": [len(s.train_labels)
                                                                                           for s in splits],
-                "communication": {"ms_dino": dataclasses.asdict(ours), "random": dataclasses.asdict(
-                    Communication(0, 0, 0)), "fedavg": dataclasses.asdict(fed_traffic)}}
+                "communication": communication}
 
     def upper_bound(self, data: SeedData, seed: int) -> dict:
         """Supervised from random init on every client's labelled training images pooled (all labels)."""

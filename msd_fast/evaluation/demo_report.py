@@ -16,6 +16,7 @@ from .image_grid import ciphertext_pixels, save_image_columns
 from ..server.logs import plot_loss_curve
 
 METHOD_NAMES = {"ms_dino": "MS-DINO (ours): encrypt once, pretrain, fine-tune",
+                "fedavg_dino": "FedAvg-DINO (self-supervised FL on plain images) + fine-tuning",
                 "random": "Fine-tuning only (random init)",
                 "fedavg": "FedAvg (supervised)",
                 "pixel_knn": "Raw-pixel k-NN (floor)",
@@ -24,6 +25,15 @@ METRICS = ("accuracy", "balanced_accuracy", "macro_auc")
 CSV_FIELDS = ["label_fraction", "method", "accuracy", "accuracy_std", "balanced_accuracy", "macro_auc",
               "macro_auc_std", "knn_accuracy", "knn_accuracy_std", "linear_probe_accuracy",
               "linear_probe_accuracy_std", "upload_bytes", "download_bytes", "rounds", "accuracy_per_seed"]
+
+
+PER_CLIENT_MODELS = ("ms_dino", "fedavg_dino", "random")  # one fine-tuned model (and frozen probes) per client
+
+
+def methods(block: dict) -> list[str]:
+    """The rows of one label fraction's results, in table order (FedAvg-DINO only when the run had it)."""
+    return [m for m in ("ms_dino", "fedavg_dino", "random", "fedavg", "pixel_knn")
+            if m != "fedavg_dino" or m in block["per_client"]]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -40,7 +50,7 @@ def summary_rows(results: dict) -> list[dict]:
     rows = []
     for fraction in per_seed[0]["fractions"]:
         blocks = [s["fractions"][fraction] for s in per_seed]
-        for method in ("ms_dino", "random", "fedavg", "pixel_knn"):
+        for method in methods(blocks[0]):
             row = {"label_fraction": float(fraction), "method": METHOD_NAMES[method]}
             for name in METRICS:
                 values = [b["fedavg"][name] if method == "fedavg" else _client_mean(b["per_client"][method], name)
@@ -49,7 +59,7 @@ def summary_rows(results: dict) -> list[dict]:
                 if name == "accuracy":
                     row["accuracy_per_seed"] = values
             for probe_name, key in (("knn_accuracy", "knn_"), ("linear_probe_accuracy", "linear_")):
-                if method in ("ms_dino", "random"):
+                if method in PER_CLIENT_MODELS:
                     row[probe_name], row[probe_name + "_std"] = _mean_std(
                         [_client_mean(b["per_client"][key + method], "accuracy") for b in blocks])
                 else:
@@ -95,6 +105,14 @@ def markdown_table(rows: list[dict], results: dict) -> str:
               "of them; FedAvg and the upper bound have one model). Every method: the same network, the same fine-tuning steps and recipe. One held-out test "
               "set per seed, never used for selection. k-NN / linear probe: frozen features, the client's labels. "
               "Raw-pixel k-NN: the same labels, on pixels."]
+    if any("fedavg_dino" in s["communication"] for s in results["per_seed"][0]["fractions"].values()):
+        lines += ["", "FedAvg-DINO: the same masked-sampling DINO run by every client on its plain images, "
+                      f"{config['epochs']} rounds of one local epoch, student, teacher and center averaged by "
+                      "client size; its traffic is the serialised (student, teacher, center) up and down per round."]
+    if results.get("timm_model"):
+        lines += ["", f"`{results['timm_model']}/`: the seed-{results['seeds'][0]} decrypted MS-DINO model as a timm "
+                      f"hub folder (`timm.create_model('local-dir:{results['timm_model']}', pretrained=True, "
+                      "num_classes=N)`)."]
     audit = results.get("audit")
     if audit:
         lines += ["", f"Privacy (quick audit of the encryption used, {audit['encryption']}; {audit['images']} of the "
@@ -148,6 +166,10 @@ def plot_pretraining(results: dict, path: str) -> None:
             history = [h for h in seed_result["pretrain_history"] if name in h]
             axis.plot([h["epoch"] + 1 for h in history], [h[name] for h in history], "o-", ms=2.5,
                       label=f"seed {seed_result['seed']}")
+            federated = [h for h in seed_result.get("fedavg_dino_history", []) if name in h]
+            if federated:  # FedAvg-DINO's global teacher, one point per round (a round is one local epoch)
+                axis.plot([h["round"] + 1 for h in federated], [h[name] for h in federated], "s--", ms=2.5,
+                          label=f"FedAvg-DINO, seed {seed_result['seed']}")
         if name in ("teacher_entropy", "usage_entropy") and results["per_seed"][0]["pretrain_history"]:
             uniform = results["per_seed"][0]["pretrain_history"][0].get("uniform_entropy")
             if uniform:
@@ -165,8 +187,11 @@ def plot_label_fractions(rows: list[dict], path: str) -> None:
     """Test accuracy against the label fraction per method, with the floor and the upper bound."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6.5, 4.2), dpi=120)
-    for key, style in (("ms_dino", "o-"), ("random", "s-"), ("fedavg", "^-"), ("pixel_knn", "x--")):
+    for key, style in (("ms_dino", "o-"), ("fedavg_dino", "D-"), ("random", "s-"), ("fedavg", "^-"),
+                       ("pixel_knn", "x--")):
         mine = sorted((r for r in rows if r["method"] == METHOD_NAMES[key]), key=lambda r: r["label_fraction"])
+        if not mine:
+            continue
         axis.errorbar([r["label_fraction"] for r in mine], [r["accuracy"] for r in mine],
                       yerr=[r["accuracy_std"] for r in mine], fmt=style, capsize=3, label=METHOD_NAMES[key])
         if key == "ms_dino":
@@ -187,20 +212,27 @@ def plot_label_fractions(rows: list[dict], path: str) -> None:
 
 
 def plot_accuracy_vs_communication(rows: list[dict], path: str) -> None:
-    """Accuracy against bytes per client (up + down) at the first label fraction."""
+    """Accuracy against bytes per client (up + down, log scale) and against communication rounds, at the first
+    label fraction."""
     plt = _pyplot()
     fraction = rows[0]["label_fraction"]
-    figure, axis = plt.subplots(figsize=(6, 4), dpi=120)
-    for key, marker in (("ms_dino", "o"), ("random", "s"), ("fedavg", "^")):
-        r = next(r for r in rows if r["method"] == METHOD_NAMES[key] and r["label_fraction"] == fraction)
-        megabytes = (r["upload_bytes"] + r["download_bytes"]) / 1e6
-        axis.errorbar(megabytes, r["accuracy"], yerr=r["accuracy_std"], fmt=marker, capsize=3,
-                      label=f"{METHOD_NAMES[key].split(':')[0].split(' (')[0]} ({r['rounds']} rounds)")
-    axis.set_xlabel("bytes per client (up + down), MB")
-    axis.set_ylabel("test accuracy")
-    axis.set_title(f"label fraction {fraction:g}")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for key, marker in (("ms_dino", "o"), ("fedavg_dino", "D"), ("random", "s"), ("fedavg", "^")):
+        r = next((r for r in rows if r["method"] == METHOD_NAMES[key] and r["label_fraction"] == fraction), None)
+        if r is None:
+            continue
+        label = f"{METHOD_NAMES[key].split(':')[0].split(' (')[0]} ({r['rounds']} rounds)"
+        megabytes = max((r["upload_bytes"] + r["download_bytes"]) / 1e6, 1e-3)  # no traffic: at the axis floor
+        axes[0].errorbar(megabytes, r["accuracy"], yerr=r["accuracy_std"], fmt=marker, capsize=3, label=label)
+        axes[1].errorbar(r["rounds"], r["accuracy"], yerr=r["accuracy_std"], fmt=marker, capsize=3, label=label)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("bytes per client (up + down), MB")
+    axes[1].set_xlabel("communication rounds")
+    for axis in axes:
+        axis.set_ylabel("test accuracy")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"label fraction {fraction:g}", fontsize=10)
     figure.tight_layout()
     save_figure(figure, path)
 

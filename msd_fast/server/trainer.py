@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .dino import DINOLoss
 from ..protocol.encryption import EncryptionSpec
+from ..protocol.shards import ShardMetadata
 from . import distributed
 from .augment import commuting_augmentation
 from .checkpoint import load_checkpoint
@@ -47,9 +48,9 @@ CHECKPOINT_NAME = "checkpoint.pt"
 SIGNAL_SAMPLE = 512  # items of the shards the collapse signals are measured on, evenly spaced
 
 
-def build_networks(config: PretrainConfig, data: ShardDataset, input_stats: tuple[float, float]):
-    """Student and teacher :class:`MaskedSamplingNet` (teacher: same weights, no stochastic depth, no gradients)."""
-    meta = data.metadata
+def build_networks(config: PretrainConfig, meta: ShardMetadata, input_stats: tuple[float, float]):
+    """Student and teacher :class:`MaskedSamplingNet` for data of geometry ``meta`` (teacher: same weights, no
+    stochastic depth, no gradients)."""
     token_mode = meta.mode == "token"
     overrides = config.model_overrides()
     if token_mode:
@@ -120,6 +121,71 @@ def _comparable(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in PretrainConfig.RUNTIME_ONLY}
 
 
+# ---- one step, reusable by any loop that runs MS-DINO (the server's, FedAvg-DINO's clients') -------------------
+
+def distillation_step(student: nn.Module, teacher: MaskedSamplingNet, loss_fn: DINOLoss,
+                      optimizer: torch.optim.Optimizer, inputs: torch.Tensor, views: Views, config: PretrainConfig, *,
+                      num_tokens: int, epoch: int, step: int, lr: float, weight_decay: float, momentum: float,
+                      student_inputs: Optional[torch.Tensor] = None, bf16: bool = False) -> float:
+    """One MS-DINO update; returns the loss: the scheduled ``lr``/``weight_decay`` -> student (a
+    :class:`MaskedSamplingNet` or its DDP wrapper) on ``student_inputs`` (default ``inputs``, ``[B, ...]``) and every
+    view -> teacher targets -> :class:`~msd_fast.DINOLoss` at ``epoch`` -> :func:`optimize` -> :func:`ema_update` with
+    ``momentum``. ``views`` are on the inputs' device, over ``num_tokens`` patch tokens; ``step`` only names the step
+    in the error raised for a non-finite loss."""
+    network = getattr(student, "module", student)  # the network under a DDP wrapper
+    set_schedules(optimizer, lr, weight_decay)
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
+        student_out = student(inputs if student_inputs is None else student_inputs, views.all)
+        teacher_out = teacher_targets(teacher, inputs, views, config, num_tokens)
+    loss = loss_fn(student_out.float(), teacher_out.float(), epoch)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"the loss is {value} at step {step}; lower --lr or raise --clip-grad")
+    optimize(network, optimizer, loss, config, epoch)
+    ema_update(teacher, network, momentum)
+    return value
+
+
+def set_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """Set the step's learning rate, and its weight decay on the groups marked ``decayed``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group["decayed"]:
+            group["weight_decay"] = weight_decay
+
+
+@torch.no_grad()
+def teacher_targets(teacher: MaskedSamplingNet, inputs: torch.Tensor, views: Views, config: PretrainConfig,
+                    num_tokens: int) -> torch.Tensor:
+    """The teacher's outputs ``[global_views * B, out_dim]``: on the global views, or with ``teacher_views="all"`` on
+    every token, repeated once per global view."""
+    if config.teacher_views == "all":
+        every = teacher.all_tokens(inputs.shape[0], num_tokens, inputs.device)
+        return teacher(inputs, [every]).repeat(config.global_views, 1)
+    return teacher(inputs, [views.global_views])
+
+
+def optimize(student: MaskedSamplingNet, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+             config: PretrainConfig, epoch: int) -> None:
+    """Backward, gradient clipping, last-layer freezing (the first ``freeze_last_layer`` epochs), AdamW step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.clip_grad > 0:
+        nn.utils.clip_grad_norm_(student.parameters(), config.clip_grad)
+    if epoch < config.freeze_last_layer:
+        for param in student.head.last_layer.parameters():
+            param.grad = None
+    optimizer.step()
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``teacher <- momentum * teacher + (1 - momentum) * student``, parameter by parameter."""
+    teacher_params = list(teacher.parameters())
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, [p.detach() for p in student.parameters()], alpha=1.0 - momentum)
+
+
 class Pretraining:
     """One pretraining run: networks, optimiser, schedules and state; :meth:`run` trains to the last epoch.
 
@@ -139,7 +205,7 @@ class Pretraining:
                              f"processes")
         self.local_batch = config.batch_size // self.info.world_size
         self.steps_per_epoch = steps_per_epoch(len(self.data), config.batch_size)
-        self.student, self.teacher = build_networks(config, self.data, self.data.input_stats())
+        self.student, self.teacher = build_networks(config, self.data.metadata, self.data.input_stats())
         self.student.to(self.info.device)
         self.teacher.to(self.info.device)
         self.student_ddp = (DistributedDataParallel(self.student, device_ids=[self.info.device.index]
@@ -177,26 +243,12 @@ class Pretraining:
     # ---- one step: views -> student and teacher forward -> loss -> backward -> optimizer -> EMA ----------------
     def train_step(self, inputs: torch.Tensor, epoch: int, step: int) -> float:
         """One optimisation step on this process's ``inputs`` (its slice of the global batch); returns the loss."""
-        self.apply_schedules(step)
         torch.manual_seed(derived_seed(self.config.seed, SEED_DROP_PATH, step, self.info.rank))
-        views = self.views(step)
-        with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            student_out = self.student_ddp(self.augment(inputs, step), views.all)
-            teacher_out = self.teacher_targets(inputs, views)
-        loss = self.loss(student_out.float(), teacher_out.float(), epoch)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"the loss is {value} at step {step}; lower --lr or raise --clip-grad")
-        self.optimize(loss, epoch)
-        self.update_teacher(step)
-        return value
-
-    def apply_schedules(self, step: int) -> None:
-        """Set the step's learning rate, and its weight decay on the decayed groups."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = float(self.lr[step])
-            if group["decayed"]:
-                group["weight_decay"] = float(self.wd[step])
+        return distillation_step(self.student_ddp, self.teacher, self.loss, self.optimizer, inputs, self.views(step),
+                                 self.config, num_tokens=self.num_tokens, epoch=epoch, step=step,
+                                 lr=float(self.lr[step]), weight_decay=float(self.wd[step]),
+                                 momentum=float(self.momentum[step]), student_inputs=self.augment(inputs, step),
+                                 bf16=self.bf16)
 
     def views(self, step: int) -> Views:
         """This process's slice of the global batch's masked views of ``step``."""
@@ -214,35 +266,6 @@ class Pretraining:
         return commuting_augmentation(inputs, contrast=config.contrast, noise=config.noise, midgrey=midgrey,
                                       value_range=value_range, generator=generator, global_batch=config.batch_size,
                                       first=self.info.rank * self.local_batch)
-
-    @torch.no_grad()
-    def teacher_targets(self, inputs: torch.Tensor, views: Views) -> torch.Tensor:
-        """The teacher's outputs ``[global_views * B, out_dim]``: on the global views, or with ``teacher_views="all"``
-        on every token, repeated once per global view."""
-        if self.config.teacher_views == "all":
-            every = self.teacher.all_tokens(inputs.shape[0], self.num_tokens, inputs.device)
-            return self.teacher(inputs, [every]).repeat(self.config.global_views, 1)
-        return self.teacher(inputs, [views.global_views])
-
-    def optimize(self, loss: torch.Tensor, epoch: int) -> None:
-        """Backward, gradient clipping, last-layer freezing (the first ``freeze_last_layer`` epochs), AdamW step."""
-        config = self.config
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.clip_grad > 0:
-            nn.utils.clip_grad_norm_(self.student.parameters(), config.clip_grad)
-        if epoch < config.freeze_last_layer:
-            for param in self.student.head.last_layer.parameters():
-                param.grad = None
-        self.optimizer.step()
-
-    @torch.no_grad()
-    def update_teacher(self, step: int) -> None:
-        """``teacher <- m * teacher + (1 - m) * student`` with the scheduled momentum ``m``."""
-        momentum = float(self.momentum[step])
-        teacher_params = list(self.teacher.parameters())
-        torch._foreach_mul_(teacher_params, momentum)
-        torch._foreach_add_(teacher_params, [p.detach() for p in self.student.parameters()], alpha=1.0 - momentum)
 
     # ---- one epoch: its batches, then its record ------------------------------------------------------------------
     def train_epoch(self, epoch: int, recorder: RunRecorder) -> dict:

@@ -25,6 +25,24 @@ class Views:
         """Every group, global first: the student's input (``DINOLoss`` counts views in this order)."""
         return [self.global_views] + ([] if self.local_views is None else [self.local_views])
 
+    def select(self, first: int, count: int, device: torch.device, num_tokens: int) -> "Views":
+        """Items ``[first, first + count)`` of every group, on ``device``, marked as in range for ``masked_gather``
+        (they are by construction: this spares its index-range check, a device sync per call on GPUs)."""
+        def part(idx: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if idx is None else mark_index_range(idx[:, first:first + count].to(device), num_tokens)
+
+        return Views(part(self.global_views), part(self.local_views))
+
+
+def sample_view_groups(config: PretrainConfig, batch_size: int, num_tokens: int,
+                       generator: torch.Generator) -> Views:
+    """The masked views of a batch of ``batch_size`` items over ``num_tokens`` tokens (on the CPU; global views
+    first, then local ones, from ``generator``)."""
+    global_views = sample_views(batch_size, num_tokens, config.global_views, config.global_keep, generator=generator)
+    local_views = (sample_views(batch_size, num_tokens, config.local_views, config.local_keep, generator=generator)
+                   if config.local_views else None)
+    return Views(global_views, local_views)
+
 
 def draw_views(config: PretrainConfig, num_tokens: int, step: int, first: int, count: int,
                device: torch.device) -> Views:
@@ -32,12 +50,5 @@ def draw_views(config: PretrainConfig, num_tokens: int, step: int, first: int, c
     draws the whole global batch's views (seeded by ``(seed, step)``) and keeps its slice, so the split into processes
     does not change them."""
     generator = torch.Generator().manual_seed(derived_seed(config.seed, SEED_VIEWS, step))
-
-    def group(n_views: int, keep: float) -> torch.Tensor:
-        idx = sample_views(config.batch_size, num_tokens, n_views, keep, generator=generator)
-        # In range by construction: spare masked_gather its index-range check (a device sync per call on GPUs).
-        return mark_index_range(idx[:, first:first + count].to(device), num_tokens)
-
-    global_views = group(config.global_views, config.global_keep)
-    local_views = group(config.local_views, config.local_keep) if config.local_views else None
-    return Views(global_views, local_views)
+    return sample_view_groups(config, config.batch_size, num_tokens, generator).select(first, count, device,
+                                                                                       num_tokens)
