@@ -19,7 +19,8 @@ COMMANDS = {command.name: command for command in command_table()}
 REQUIRED = {"keygen": ["--out", "k.key"], "encode": ["--key", "k.key", "--data", "synthetic", "--out", "s.shard"],
             "pretrain": ["s.shard"], "export": ["--checkpoint", "c.pt", "--out", "m.safetensors"],
             "finetune": ["--data", "synthetic"], "probe": ["--data", "synthetic"],
-            "fedavg": ["--data", "synthetic", "--clients", "2"]}
+            "fedavg": ["--data", "synthetic", "--clients", "2"],
+            "export-timm": ["--model", "m.safetensors", "--key", "k.key", "--out", "timm_model"]}
 
 
 def _flag(name: str) -> str:

@@ -150,7 +150,7 @@ def test_the_folder_holds_no_key(exported_backbones, key, tmp_path):
 
 def test_wrong_key_existing_folder_and_bad_statistics_are_refused(exported_backbones, key, tmp_path):
     out = str(tmp_path / "hub")
-    with pytest.raises(ValueError, match="not the one"):
+    with pytest.raises(ValueError, match="not with this key"):
         export_timm(exported_backbones["image"], Key.from_secret(b"another consortium"), out)
     assert not os.path.exists(out)
     with pytest.raises(ValueError, match="std must be > 0"):

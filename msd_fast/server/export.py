@@ -9,7 +9,6 @@ values in ``[0, max_value]``, as float): the client turns it into a plain-image 
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 from safetensors import safe_open
