@@ -8,7 +8,7 @@
 #      metadata fails here; pip installs torch and the rest from its cache / the local index);
 #   5. from a folder outside the checkout: the import comes from the venv, `msd-fast --help`, a user error through
 #      the console script (one line, exit 2) and the protocol at toy sizes (keygen, encode, pretrain, export, probe,
-#      encrypt-demo) with every file it writes.
+#      export-timm, encrypt-demo) with every file it writes.
 # Called by .ci/run after the tests; can be run alone from any checkout (it needs torch, ninja and pybind11 in the
 # current python, as the README's install line gives). Prints the seconds it took.
 set -euo pipefail
@@ -71,16 +71,17 @@ status=0
 "$M" pretrain missing.shard --out p 2> error.txt || status=$?
 [ "$status" -eq 2 ] && [ "$(wc -l < error.txt)" -eq 1 ] && ! grep -q Traceback error.txt \
     || { echo "a user error should be one line and exit 2, got status $status:"; cat error.txt; exit 1; }
-# The protocol at toy sizes, one command per step (demo --fast takes minutes on 2 cores; this about one).
+# The protocol at toy sizes, one command per step (demo --quick takes minutes on 2 cores; this about one).
 quietly "$M" keygen --out k.key
 quietly "$M" encode --key k.key --data synthetic:96 --image-size 32 --patch-size 8 --out c0.shard
 quietly "$M" pretrain c0.shard --out p --depth 1 --embed-dim 24 --num-heads 2 --out-dim 32 --head-hidden-dim 32 \
     --head-bottleneck-dim 16 --epochs 2 --batch-size 32 --local-views 1 --warmup-epochs 0 --no-progress --device cpu
 quietly "$M" export --checkpoint p/checkpoint.pt --out model.safetensors
 quietly "$M" probe --model model.safetensors --key k.key --data synthetic:96 --image-size 32 --device cpu --out probe
+quietly "$M" export-timm --model model.safetensors --key k.key --out timm_model
 quietly "$M" encrypt-demo --size 32 --patch-size 8 --key k.key --out enc
 for file in k.key c0.shard p/checkpoint.pt p/loss_curve.png model.safetensors probe/probe.json \
-    enc/encryption_demo.png; do
+    timm_model/config.json timm_model/model.safetensors enc/encryption_demo.png; do
     [ -s "$file" ] || { echo "the smoke run did not write $file"; exit 1; }
 done
 cd "$ROOT"
