@@ -26,13 +26,11 @@ from ..protocol.encryption import MAX_VALUE
 from ..protocol.shards import ShardMetadata
 from ..server.config import PretrainConfig
 from ..server.data import epoch_batches
-from ..server.dino import DINOLoss
 from ..server.model import MaskedSamplingNet
 from ..server.monitor import collapse_signals
 from ..server.optim import KeyInvariantAdamW
-from ..server.schedules import cosine_schedule
 from ..server.seeds import SEED_DROP_PATH, SEED_VIEWS, derived_seed
-from ..server.trainer import build_networks, distillation_step, parameter_groups
+from ..server.trainer import build_loss, build_networks, distillation_step, parameter_groups, schedules
 from ..server.views import sample_view_groups
 from .communication import Communication, tensors_bytes
 from .fedavg import weighted_average
@@ -105,15 +103,11 @@ class _Client:
     """One client's local networks, loss, optimiser state and data stream."""
 
     def __init__(self, index: int, images: torch.Tensor, student: MaskedSamplingNet, teacher: MaskedSamplingNet,
-                 config: PretrainConfig, rounds: int, device: torch.device):
+                 config: PretrainConfig, device: torch.device):
+        """``config``: the run's settings with rounds as epochs (:func:`_rounds_as_epochs`)."""
         self.index, self.images = index, images
         self.student, self.teacher = copy.deepcopy(student).to(device), copy.deepcopy(teacher).to(device)
-        self.loss = DINOLoss(config.out_dim, config.global_views + config.local_views, config.global_views,
-                             student_temp=config.student_temp, warmup_teacher_temp=config.warmup_teacher_temp,
-                             teacher_temp=config.teacher_temp,
-                             warmup_teacher_temp_epochs=min(config.warmup_teacher_temp_epochs, rounds),
-                             n_epochs=rounds, center_momentum=config.center_momentum,
-                             centering=config.centering).to(device)
+        self.loss = build_loss(config).to(device)
         self.optimizer = KeyInvariantAdamW(parameter_groups(self.student, config.embed_optimizer == "rowwise"))
         self.batch_size = min(config.batch_size, len(images))
         self.steps_per_epoch = len(images) // self.batch_size
@@ -132,6 +126,13 @@ class _Client:
         """Rows of this client's ``local_step``-th batch: seeded epochs over its own images, remainder dropped."""
         epoch, i = divmod(local_step, self.steps_per_epoch)
         return epoch_batches(len(self.images), self.batch_size, epoch, seed * 1009 + self.index)[i]
+
+
+def _rounds_as_epochs(config: PretrainConfig, rounds: int) -> PretrainConfig:
+    """The server's settings with a round in the part of an epoch (the loss's teacher-temperature schedule, the
+    per-step schedules, last-layer freezing), the warm-ups capped at ``rounds``."""
+    return dataclasses.replace(config, epochs=rounds, warmup_epochs=min(config.warmup_epochs, rounds),
+                               warmup_teacher_temp_epochs=min(config.warmup_teacher_temp_epochs, rounds))
 
 
 def _cpu(state: dict) -> dict:
@@ -170,12 +171,10 @@ def fedavg_dino(clients: Sequence[torch.Tensor], config: PretrainConfig, setting
 
     student, teacher = build_networks(config, meta, standardisation)
     num_tokens = (meta.image_size[0] // meta.patch_size) * (meta.image_size[1] // meta.patch_size)
-    locals_ = [_Client(i, images, student, teacher, config, rounds, device) for i, images in enumerate(clients)]
+    per_round = _rounds_as_epochs(config, rounds)
+    locals_ = [_Client(i, images, student, teacher, per_round, device) for i, images in enumerate(clients)]
     weights = [len(images) for images in clients]
-    lr = cosine_schedule(config.lr * config.batch_size / 256.0, config.min_lr, rounds, local_steps,
-                         warmup_epochs=min(config.warmup_epochs, rounds))
-    wd = cosine_schedule(config.weight_decay, config.weight_decay_end, rounds, local_steps)
-    momentum = cosine_schedule(config.momentum_teacher, 1.0, rounds, local_steps)
+    lr, wd, momentum = schedules(per_round, local_steps)
     global_payload = {"student": _cpu(student.state_dict()), "teacher": _cpu(teacher.state_dict()),
                       "center": torch.zeros(1, config.out_dim)}
     up, down, history = 0.0, 0.0, []
