@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..checks import check_positive_int
 from ..client.classifier import ImageClassifier
 from ..protocol.encryption import MAX_VALUE
 from ..protocol.shards import ShardMetadata
@@ -50,9 +51,7 @@ class FedAvgDINOSettings:
 
     def __post_init__(self):
         for name in ("rounds", "local_steps", "patch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(getattr(self, name), name)
 
 
 @dataclasses.dataclass

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from ...checks import check_positive_int
 from .assignment import assign
 from .jigsaw import check_images
 from .statistics_attack import cipher_blocks, units
@@ -107,8 +108,7 @@ def recover_block_matrix(plain: torch.Tensor, cipher: torch.Tensor, patch_size: 
     if not isinstance(cipher, torch.Tensor) or cipher.shape != plain.shape:
         raise ValueError(f"cipher must be a tensor shaped like plain {tuple(plain.shape)}, got "
                          f"{tuple(cipher.shape) if isinstance(cipher, torch.Tensor) else type(cipher).__name__}")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be a positive int, got {rounds!r}")
+    check_positive_int(rounds, "rounds")
     u, y = units(plain, patch_size), cipher_blocks(cipher, patch_size)        # [k, N, L]
     k, N, L = u.shape
     cost = _sq_distance(_gram_profiles(y), _gram_profiles(u))

@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from ...checks import check_positive_int
 from ...ops.patch_encryption import image_to_blocks, make_tables, negpos_reference, permute_patches
 from .assignment import single_thread
 from .layout import recover_grid_layout
@@ -64,8 +65,7 @@ def check_images(images: object, name: str, patch_size: int) -> torch.Tensor:
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.dtype != torch.uint8:
         got = (images.dtype, tuple(images.shape)) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"{name} must be a uint8 [B, C, H, W] tensor, got {got}")
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
-        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    check_positive_int(patch_size, "patch_size")
     if images.shape[2] % patch_size or images.shape[3] % patch_size:
         raise ValueError(f"patch_size={patch_size} must divide the height and width of {name} "
                          f"{tuple(images.shape[2:])}")

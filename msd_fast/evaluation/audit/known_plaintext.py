@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from ...checks import check_positive_int
 from ...ops.patch_encryption import image_to_blocks, negpos_reference
 from .assignment import assign
 from .jigsaw import apply_tables, check_images
@@ -105,8 +106,7 @@ def recover_key_tables(plain: torch.Tensor, encrypted: torch.Tensor, patch_size:
     encrypted = check_images(encrypted, "encrypted", patch_size)
     if plain.shape != encrypted.shape:
         raise ValueError(f"plain {tuple(plain.shape)} and encrypted {tuple(encrypted.shape)} must have the same shape")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be a positive int, got {rounds!r}")
+    check_positive_int(rounds, "rounds")
     max_value = int(max_value)
     k = plain.shape[0]
     x, y = image_to_blocks(plain, patch_size), image_to_blocks(encrypted, patch_size)   # [k, N, L]

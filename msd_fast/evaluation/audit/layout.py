@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from ...checks import check_positive_int
 from .assignment import assign, single_thread
 
 
@@ -102,8 +103,7 @@ def recover_grid_layout(similarity: torch.Tensor, rows: int, cols: int, *, capac
     if not isinstance(similarity, torch.Tensor) or similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1]:
         raise ValueError("similarity must be a square [M, M] tensor")
     for name, value in (("rows", rows), ("cols", cols), ("capacity", capacity)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(value, name)
     M = similarity.shape[0]
     if M != rows * cols * capacity:
         raise ValueError(f"similarity is {M}x{M} but rows * cols * capacity = {rows * cols * capacity}")

@@ -32,6 +32,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
+from ...checks import check_positive_int
 from ...atomic import write_text
 from ..image_grid import save_image_columns
 from ...keys import Key, require_key
@@ -779,8 +780,7 @@ def _check_arguments(known_pairs, max_heldout: int, figure_rows: int) -> list:
     if not known_pairs or known_pairs[0] < 1:
         raise ValueError(f"known_pairs must be positive ints, got {known_pairs!r}")
     for name, value in (("max_heldout", max_heldout), ("figure_rows", figure_rows)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(value, name)
     return known_pairs
 
 
