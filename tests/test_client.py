@@ -11,7 +11,8 @@ from msd_fast.cli.commands import main
 from msd_fast.client.encode import client_subset, decrypt_shard, encode_dataset, make_key
 from msd_fast.data import DataError, ImageSet, from_arrays, synthetic_dataset
 from msd_fast.protocol.encryption import EncryptionSpec
-from msd_fast.protocol.shards import open_shard, open_shards
+from msd_fast.protocol.shard_sets import open_shards
+from msd_fast.protocol.shards import open_shard
 from msd_fast.protocol.token_embedding import TokenEmbedder
 
 KEY = Key.from_secret(b"client test key")

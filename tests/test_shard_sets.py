@@ -18,7 +18,8 @@ from msd_fast.cli import main
 from msd_fast.client.encode import decrypt_shard, encode_dataset
 from msd_fast.data import ImageSet, synthetic_dataset
 from msd_fast.protocol.shard_sets import (INDEX_NAME, ConcatenatedShards, ShardSetIndex, open_shard_set, parse_size)
-from msd_fast.protocol.shards import ShardError, open_shard, open_shards
+from msd_fast.protocol.shard_sets import open_shards
+from msd_fast.protocol.shards import ShardError, open_shard
 from msd_fast.server.data import ShardDataset
 
 KEY = Key.from_secret(b"shard-set tests")

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from msd_fast.protocol.shards import (ShardError, check_compatible, open_shard, open_shards, read_metadata, shard_metadata,
-                             write_shard)
+from msd_fast.protocol.shard_sets import open_shards
+from msd_fast.protocol.shards import (ShardError, check_compatible, open_shard, read_metadata, shard_metadata,
+                                      write_shard)
 
 
 def metadata(count=10, item_shape=(1, 8, 8), dtype="uint8", fingerprint="ab" * 32, **changes):

@@ -128,7 +128,7 @@ def run_encode(config: EncodeConfig) -> int:
     from ..client.encode import client_subset, encode_dataset
     from ..data import load_dataset
     from ..keys import Key
-    from ..protocol.shards import open_shards
+    from ..protocol.shard_sets import open_shards
 
     key = Key.load(config.key)  # before reading any data: a wrong key path fails at once
     images = load_dataset(config.data, size=config.image_size, channels=config.channels, split=config.split)

@@ -34,8 +34,8 @@ from ..protocol.encryption import EncryptionSpec
 from ..keys import Key, require_key
 from ..ops.token_permutation import permute_tokens, unpermute_tokens
 from ..protocol.shard_sets import (DEFAULT_MAX_SHARD_SIZE, ConcatenatedShards, ShardSetIndex, is_shard_set,
-                                   parse_size, plan_parts, remove_shard_set, write_shard_set)
-from ..protocol.shards import Shard, ShardMetadata, open_shards, shard_metadata, write_shard
+                                   open_shards, parse_size, plan_parts, remove_shard_set, write_shard_set)
+from ..protocol.shards import Shard, ShardMetadata, shard_metadata, write_shard
 from ..protocol.token_embedding import TokenEmbedder
 
 MODES = ("image", "token")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..atomic import refuse_existing, remove_stale_temporaries, write_text
-from .shards import (Shard, ShardError, ShardMetadata, check_compatible, open_shard, open_shards, read_metadata,
+from .shards import (Shard, ShardError, ShardMetadata, check_compatible, open_shard, read_metadata,
                      shard_file_size, write_shard)
 
 SET_FORMAT = "msd_fast.shard_set"
@@ -260,6 +260,14 @@ class ConcatenatedShards:
         shard, rows = self.locate(indices)
         starts = np.array([s.metadata.encryption.get("sample_id_start", 0) for s in self.shards], dtype=np.int64)
         return torch.from_numpy(starts[shard] + rows)
+
+
+
+def open_shards(paths: Sequence[str | os.PathLike], *, verify: bool = True) -> tuple[list[Shard], ShardMetadata]:
+    """Open and verify several shards and check they can be trained on together. A path may be a shard file or a
+    shard-set folder (:mod:`~msd_fast.protocol.shard_sets`: its parts, in order); no file may come twice."""
+    shards = [open_shard(p, verify=verify) for p in shard_files(paths)]
+    return shards, check_compatible(shards)
 
 
 def check_shard_output(out: Union[str, os.PathLike], *, overwrite: bool) -> None:

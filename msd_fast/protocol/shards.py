@@ -300,15 +300,6 @@ def check_compatible(shards: Sequence[Shard]) -> ShardMetadata:
     return shards[0].metadata
 
 
-def open_shards(paths: Sequence[str | os.PathLike], *, verify: bool = True) -> tuple[list[Shard], ShardMetadata]:
-    """Open and verify several shards and check they can be trained on together. A path may be a shard file or a
-    shard-set folder (:mod:`~msd_fast.protocol.shard_sets`: its parts, in order); no file may come twice."""
-    from .shard_sets import shard_files  # the folder format builds on this module
-
-    shards = [open_shard(p, verify=verify) for p in shard_files(paths)]
-    return shards, check_compatible(shards)
-
-
 def shard_metadata(*, mode: str, count: int, item_shape: Sequence[int], dtype: str, patch_size: int,
                    image_size: Sequence[int], channels: int, key_fingerprint: str, encryption: dict,
                    client: str = "") -> ShardMetadata:
@@ -319,4 +310,4 @@ def shard_metadata(*, mode: str, count: int, item_shape: Sequence[int], dtype: s
 
 
 __all__ = ["SHARD_FORMAT", "SHARD_VERSION", "Shard", "ShardError", "ShardMetadata", "check_compatible",
-           "open_shard", "open_shards", "read_metadata", "shard_file_size", "shard_metadata", "write_shard"]
+           "open_shard", "read_metadata", "shard_file_size", "shard_metadata", "write_shard"]
