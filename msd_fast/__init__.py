@@ -11,6 +11,8 @@ Public API (each op takes ``backend="auto"``; see :func:`backends`):
 * :func:`sample_views` / :func:`masked_gather` -- masked-sampling views: random kept-token indices, and one fused
   gather + position embedding + prefix tokens per call; :func:`forward_views` runs a timm ViT on them.
 * :func:`dino_loss` / :class:`DINOLoss` -- the fused DINO self-distillation loss and its module (center, schedule).
+* :func:`dino_head_loss` / :class:`LastLayerInput` -- the DINO head's last layer fused with the loss (the logits are
+  never stored whole); ``DINOLoss`` takes ``LastLayerInput`` in place of logits to use it.
 """
 from . import _moved
 from .backends import BackendStatus, BackendUnavailableError, backends
@@ -18,6 +20,7 @@ from .server.dino import DINOLoss
 from .protocol.encryption import EncryptionSpec
 from .keys import Key
 from .ops.block_mixing import decrypt_blocks, encrypt_blocks
+from .ops.dino_head_loss import LastLayerInput, dino_head_loss
 from .ops.dino_loss import dino_loss
 from .ops.masked_gather import masked_gather, sample_views
 from .ops.patch_encryption import decrypt_patches, encrypt_patches
@@ -34,10 +37,12 @@ __all__ = [
     "DINOLoss",
     "EncryptionSpec",
     "Key",
+    "LastLayerInput",
     "backends",
     "decrypt_blocks",
     "decrypt_patches",
     "decrypt_vit",
+    "dino_head_loss",
     "dino_loss",
     "encrypt_blocks",
     "encrypt_patches",

@@ -106,20 +106,12 @@ def _backward(ctx, grad_loss, _grad_of_gradient):
 _dino_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
-def check_dino_arguments(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_student_views: int,
-                         n_teacher_views: int, student_temp: float, teacher_temp: float) -> None:
-    """Raise a clear ``TypeError``/``ValueError`` naming the argument when a :func:`dino_loss` input is invalid."""
-    for name, tensor in (("student", student), ("teacher", teacher), ("center", center)):
-        check_tensor(tensor, name)
-        check_dtype(tensor, LOGIT_DTYPES, name)
-    check_dim(student, 2, "student", "[n_student_views * B, K]")
-    check_dim(teacher, 2, "teacher", "[n_teacher_views * B, K]")
+def check_view_rows(student: torch.Tensor, teacher: torch.Tensor, n_student_views: int, n_teacher_views: int,
+                    what: str = "K") -> int:
+    """Check that 2-D view-major ``student [Vs*B, n]`` and ``teacher [Vt*B, n]`` share ``B >= 1`` and ``n >= 1``
+    columns (called ``what`` in messages) and that the views form a pair; returns ``B``."""
     check_positive_int(n_student_views, "n_student_views")
     check_positive_int(n_teacher_views, "n_teacher_views")
-    check_same_device(teacher, student, "teacher", "student")
-    check_same_device(center, student, "center", "student")
-    if teacher.dtype != student.dtype:
-        raise TypeError(f"teacher must have the student's dtype {student.dtype}, got {teacher.dtype}")
     if student.shape[0] % n_student_views:
         raise ValueError(f"student has {student.shape[0]} rows, not a multiple of n_student_views={n_student_views}")
     if teacher.shape[0] % n_teacher_views:
@@ -128,17 +120,37 @@ def check_dino_arguments(student: torch.Tensor, teacher: torch.Tensor, center: t
     if batch == 0 or teacher.shape[0] // n_teacher_views != batch:
         raise ValueError(f"student ({student.shape[0]} rows / {n_student_views} views) and teacher "
                          f"({teacher.shape[0]} rows / {n_teacher_views} views) must have the same batch size >= 1")
-    out_dim = student.shape[1]
-    if out_dim == 0 or teacher.shape[1] != out_dim:
-        raise ValueError(f"student and teacher must have the same K >= 1 columns, got {student.shape[1]} and "
+    if student.shape[1] == 0 or teacher.shape[1] != student.shape[1]:
+        raise ValueError(f"student and teacher must have the same {what} >= 1 columns, got {student.shape[1]} and "
                          f"{teacher.shape[1]}")
-    if tuple(center.shape) != (out_dim,):
-        raise ValueError(f"center must have shape ({out_dim},), got {tuple(center.shape)}")
     if pair_count(n_student_views, n_teacher_views) == 0:
         raise ValueError("one student view and one teacher view form no (teacher view, other student view) pair")
+    return batch
+
+
+def check_temperatures(student_temp: float, teacher_temp: float) -> None:
+    """Raise ``ValueError`` unless both temperatures are positive finite numbers."""
     for name, temp in (("student_temp", student_temp), ("teacher_temp", teacher_temp)):
         if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not 0 < temp < float("inf"):
             raise ValueError(f"{name} must be a positive finite number, got {temp!r}")
+
+
+def check_dino_arguments(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_student_views: int,
+                         n_teacher_views: int, student_temp: float, teacher_temp: float) -> None:
+    """Raise a clear ``TypeError``/``ValueError`` naming the argument when a :func:`dino_loss` input is invalid."""
+    for name, tensor in (("student", student), ("teacher", teacher), ("center", center)):
+        check_tensor(tensor, name)
+        check_dtype(tensor, LOGIT_DTYPES, name)
+    check_dim(student, 2, "student", "[n_student_views * B, K]")
+    check_dim(teacher, 2, "teacher", "[n_teacher_views * B, K]")
+    check_same_device(teacher, student, "teacher", "student")
+    check_same_device(center, student, "center", "student")
+    if teacher.dtype != student.dtype:
+        raise TypeError(f"teacher must have the student's dtype {student.dtype}, got {teacher.dtype}")
+    check_view_rows(student, teacher, n_student_views, n_teacher_views)
+    if tuple(center.shape) != (student.shape[1],):
+        raise ValueError(f"center must have shape ({student.shape[1]},), got {tuple(center.shape)}")
+    check_temperatures(student_temp, teacher_temp)
 
 
 def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, *, n_student_views: int,

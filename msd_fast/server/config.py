@@ -60,6 +60,9 @@ class PretrainConfig:
     student_temp: float = flag(0.1, "student temperature")
     center_momentum: float = flag(0.9, "EMA momentum of the teacher center")
     centering: str = flag("ema", "teacher centering", choices=("ema", "sinkhorn_knopp"))
+    fused_head: bool = flag(False, "run the DINO head's last layer inside the loss, over chunks of samples, so the "
+                                   "[views x batch x out_dim] logits are never stored whole (the same loss; less "
+                                   "memory at a large --out-dim)")
     clip_grad: float = flag(3.0, "clip the gradient norm to this (0: no clipping)")
     freeze_last_layer: int = flag(1, "epochs during which the head's last layer is not updated")
     precision: str = flag("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16", choices=("auto", "fp32",

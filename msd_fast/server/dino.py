@@ -11,7 +11,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from typing import Optional, Union
+
 from ..checks import check_positive_int
+from ..ops.dino_head_loss import LastLayerInput, dino_head_loss
 from ..ops.dino_loss import dino_loss
 
 
@@ -77,15 +80,18 @@ class DINOLoss(nn.Module):
         centering: ``"ema"`` (DINO: the EMA center buffer) or ``"sinkhorn_knopp"`` (DINOv2: each batch's teacher
             targets from :func:`sinkhorn_knopp_center`; the buffer stays untouched).
         sinkhorn_iterations: iterations of Sinkhorn-Knopp centering.
-        backend: passed to :func:`~msd_fast.dino_loss`.
+        chunk_samples: samples per chunk of the fused head + loss (see :func:`~msd_fast.dino_head_loss`).
+        backend: passed to :func:`~msd_fast.dino_loss` (and :func:`~msd_fast.dino_head_loss`).
 
-    The ``center`` buffer is float32 ``[1, out_dim]``.
+    ``forward`` takes the heads' logits, or their last layers' inputs (:class:`LastLayerInput`): then the last
+    layer runs fused with the loss (:func:`~msd_fast.dino_head_loss`) and the logits are never stored whole. The
+    ``center`` buffer is float32 ``[1, out_dim]``.
     """
 
     def __init__(self, out_dim: int, n_student_views: int, n_teacher_views: int, *, student_temp: float = 0.1,
                  warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 0,
                  n_epochs: int, center_momentum: float = 0.9, centering: str = "ema", sinkhorn_iterations: int = 3,
-                 backend: str = "auto"):
+                 chunk_samples: Optional[int] = None, backend: str = "auto"):
         super().__init__()
         self.out_dim = check_positive_int(out_dim, "out_dim")
         self.n_student_views = check_positive_int(n_student_views, "n_student_views")
@@ -99,18 +105,25 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.centering = centering
         self.sinkhorn_iterations = check_positive_int(sinkhorn_iterations, "sinkhorn_iterations")
+        self.chunk_samples = None if chunk_samples is None else check_positive_int(chunk_samples, "chunk_samples")
         self.backend = backend
         self.teacher_temp_schedule = teacher_temp_schedule(warmup_teacher_temp, teacher_temp,
                                                            warmup_teacher_temp_epochs, n_epochs)
         self.register_buffer("center", torch.zeros(1, out_dim))
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
-        """Loss of ``student_output [Vs*B, K]`` against ``teacher_output [Vt*B, K]`` (view-major) at ``epoch``'s
-        teacher temperature and the current center (EMA centering: then updates the center with
-        ``teacher_output``)."""
+    def forward(self, student_output: Union[torch.Tensor, LastLayerInput],
+                teacher_output: Union[torch.Tensor, LastLayerInput], epoch: int) -> torch.Tensor:
+        """Loss of ``student_output [Vs*B, K]`` against ``teacher_output [Vt*B, K]`` (view-major logits, or both
+        heads' :class:`LastLayerInput` for the fused head + loss) at ``epoch``'s teacher temperature and the current
+        center (EMA centering: then updates the center with the teacher logits)."""
         if not 0 <= epoch < len(self.teacher_temp_schedule):
             raise IndexError(f"epoch must be in [0, {len(self.teacher_temp_schedule)}), got {epoch}")
+        fused = isinstance(student_output, LastLayerInput)
+        if fused != isinstance(teacher_output, LastLayerInput):
+            raise TypeError("student_output and teacher_output must both be logits or both LastLayerInput")
         teacher_temp = float(self.teacher_temp_schedule[epoch])
+        if fused:
+            return self._fused_forward(student_output, teacher_output, teacher_temp)
         if self.centering == "ema":
             center = self.center.view(-1)
         else:
@@ -122,13 +135,34 @@ class DINOLoss(nn.Module):
             self.update_center(teacher_output)
         return loss
 
+    def _fused_forward(self, student: LastLayerInput, teacher: LastLayerInput, teacher_temp: float) -> torch.Tensor:
+        if self.centering == "ema":
+            center = self.center.view(-1)
+        else:  # Sinkhorn-Knopp needs every teacher logit at once: only the student's are never stored
+            with torch.no_grad():
+                teacher_logits = teacher.features @ teacher.weight.to(teacher.features.dtype).T
+            center = sinkhorn_knopp_center(teacher_logits, teacher_temp, self.sinkhorn_iterations)
+            del teacher_logits
+        loss, teacher_sum = dino_head_loss(student.features, teacher.features, student.weight, teacher.weight, center,
+                                           n_student_views=self.n_student_views,
+                                           n_teacher_views=self.n_teacher_views, student_temp=self.student_temp,
+                                           teacher_temp=teacher_temp, chunk_samples=self.chunk_samples,
+                                           backend=self.backend)
+        if self.centering == "ema":
+            self.update_center_from_sum(teacher_sum, teacher.features.shape[0])
+        return loss
+
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
         """``center <- m·center + (1-m)·mean of teacher_output's rows``; the mean is over all processes when
         ``torch.distributed`` is initialised (every process must pass the same number of rows), accumulated in
         float32."""
-        batch_center = teacher_output.sum(dim=0, keepdim=True, dtype=torch.float32)
-        rows = teacher_output.shape[0]
+        self.update_center_from_sum(teacher_output.sum(dim=0, dtype=torch.float32), teacher_output.shape[0])
+
+    @torch.no_grad()
+    def update_center_from_sum(self, teacher_sum: torch.Tensor, rows: int) -> None:
+        """:meth:`update_center` from the float32 column sums ``[K]`` of ``rows`` teacher logits."""
+        batch_center = teacher_sum.view(1, -1).clone()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_center)
             rows *= dist.get_world_size()

@@ -15,6 +15,7 @@ import torch.distributed.nn.functional as dist_nn
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ..ops.dino_head_loss import LastLayerInput
 from ..ops.masked_gather import mark_index_range
 from ..vit import build_vit, forward_views
 
@@ -53,9 +54,13 @@ class NormalizedLinear(nn.Module):
         nn.init.trunc_normal_(self.weight_v, std=0.02)
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)
 
+    def inputs(self, x: torch.Tensor) -> LastLayerInput:
+        """What the layer multiplies: ``normalize(x) [M, in_dim]`` and the weight ``g * v / |v| [out_dim, in_dim]``."""
+        return LastLayerInput(nn.functional.normalize(x, dim=-1),
+                              self.weight_g * nn.functional.normalize(self.weight_v, dim=1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_g * nn.functional.normalize(self.weight_v, dim=1)
-        return nn.functional.linear(nn.functional.normalize(x, dim=-1), weight)
+        return nn.functional.linear(*self.inputs(x))
 
 
 class DINOHead(nn.Module):
@@ -83,8 +88,10 @@ class DINOHead(nn.Module):
                     nn.init.zeros_(module.bias)
         self.last_layer = NormalizedLinear(bottleneck_dim, out_dim, norm_last_layer)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(self.mlp(x))
+    def forward(self, x: torch.Tensor, last_layer: bool = True):
+        """Logits ``[M, out_dim]``, or with ``last_layer=False`` the last layer's :class:`LastLayerInput`."""
+        hidden = self.mlp(x)
+        return self.last_layer(hidden) if last_layer else self.last_layer.inputs(hidden)
 
 
 def create_backbone(arch: str, *, image_size: Sequence[int], patch_size: int, in_chans: int, token_mode: bool,
@@ -106,8 +113,10 @@ class MaskedSamplingNet(nn.Module):
 
     ``forward(inputs, views)``: ``inputs`` is ``[B, C, H, W]`` raw encrypted images (any dtype; standardised with
     the fixed scalars ``input_mean``/``input_std``) or, in token mode, ``[B, N, D]`` tokens; ``views`` a list of
-    ``[V_i, B, K_i]`` index tensors. Returns ``[sum_i V_i * B, out_dim]`` float logits, view-major. ``backend``
-    is the :func:`~msd_fast.masked_gather` backend.
+    ``[V_i, B, K_i]`` index tensors. Returns ``[sum_i V_i * B, out_dim]`` float logits, view-major, or with
+    ``last_layer=False`` the head's :class:`~msd_fast.ops.dino_head_loss.LastLayerInput` (features in the autocast
+    dtype when autocast is on, else float32), for the fused head + loss. ``backend`` is the
+    :func:`~msd_fast.masked_gather` backend.
     """
 
     def __init__(self, backbone: VisionTransformer, head: DINOHead, *, token_mode: bool, input_mean: float = 0.0,
@@ -137,5 +146,11 @@ class MaskedSamplingNet(nn.Module):
             views = [self.all_tokens(tokens.shape[0], tokens.shape[1], tokens.device)]
         return torch.cat([forward_views(self.backbone, tokens, idx, backend=self.backend) for idx in views])
 
-    def forward(self, inputs: torch.Tensor, views: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.head(self.features(inputs, views)).float()
+    def forward(self, inputs: torch.Tensor, views: Sequence[torch.Tensor], last_layer: bool = True):
+        features = self.features(inputs, views)
+        if last_layer:
+            return self.head(features).float()
+        head_input = self.head(features, last_layer=False)
+        device = features.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+        return LastLayerInput(head_input.features.to(dtype), head_input.weight)

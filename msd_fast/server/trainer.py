@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .dino import DINOLoss
+from ..ops.dino_head_loss import LastLayerInput
 from ..protocol.encryption import EncryptionSpec
 from ..protocol.shards import ShardMetadata
 from . import distributed
@@ -134,10 +135,11 @@ def distillation_step(student: nn.Module, teacher: MaskedSamplingNet, loss_fn: D
     in the error raised for a non-finite loss."""
     network = getattr(student, "module", student)  # the network under a DDP wrapper
     set_schedules(optimizer, lr, weight_decay)
+    logits = not config.fused_head  # fused: the heads' last layers run inside the loss
     with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
-        student_out = student(inputs if student_inputs is None else student_inputs, views.all)
+        student_out = student(inputs if student_inputs is None else student_inputs, views.all, last_layer=logits)
         teacher_out = teacher_targets(teacher, inputs, views, config, num_tokens)
-    loss = loss_fn(student_out.float(), teacher_out.float(), epoch)
+    loss = loss_fn(student_out, teacher_out, epoch)
     value = float(loss.detach())
     if not math.isfinite(value):
         raise FloatingPointError(f"the loss is {value} at step {step}; lower --lr or raise --clip-grad")
@@ -156,13 +158,17 @@ def set_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: flo
 
 @torch.no_grad()
 def teacher_targets(teacher: MaskedSamplingNet, inputs: torch.Tensor, views: Views, config: PretrainConfig,
-                    num_tokens: int) -> torch.Tensor:
-    """The teacher's outputs ``[global_views * B, out_dim]``: on the global views, or with ``teacher_views="all"`` on
-    every token, repeated once per global view."""
-    if config.teacher_views == "all":
-        every = teacher.all_tokens(inputs.shape[0], num_tokens, inputs.device)
-        return teacher(inputs, [every]).repeat(config.global_views, 1)
-    return teacher(inputs, [views.global_views])
+                    num_tokens: int) -> Union[torch.Tensor, LastLayerInput]:
+    """The teacher's outputs ``[global_views * B, out_dim]`` (with ``fused_head``: its last layer's input): on the
+    global views, or with ``teacher_views="all"`` on every token, repeated once per global view."""
+    logits = not config.fused_head
+    if config.teacher_views == "global":
+        return teacher(inputs, [views.global_views], last_layer=logits)
+    every = teacher.all_tokens(inputs.shape[0], num_tokens, inputs.device)
+    out = teacher(inputs, [every], last_layer=logits)
+    if logits:
+        return out.repeat(config.global_views, 1)
+    return LastLayerInput(out.features.repeat(config.global_views, 1), out.weight)
 
 
 def optimize(student: MaskedSamplingNet, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
