@@ -262,8 +262,8 @@ def test_pretraining_with_fused_head_follows_the_unfused_run(tmp_path):
     unfused_run, fused_run = runs[False], runs[True]
     losses = [[epoch["loss"] for epoch in run["history"]] for run in (unfused_run, fused_run)]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=0)
-    torch.testing.assert_close(fused_run["dino_loss"]["center"], unfused_run["dino_loss"]["center"], rtol=1e-4,
-                               atol=1e-6)
+    center, fused_center = unfused_run["dino_loss"]["center"], fused_run["dino_loss"]["center"]
+    assert float((fused_center - center).norm() / center.norm()) < 1e-4
     bound = 4 * Pretraining(config).lr.sum()
     for part in ("student", "teacher"):
         for name, value in unfused_run[part].items():
