@@ -20,7 +20,6 @@ samples, against ``(Vs + Vt) · B · K`` logits (plus their gradient and softmax
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -29,7 +28,9 @@ from ..checks import check_dim, check_dtype, check_positive_int, check_same_devi
 from .dino_loss import (LOGIT_DTYPES, _dino_loss, _resolved_backend, accumulate_dtype, check_temperatures,
                         check_view_rows, dino_loss_reference)
 
-DEFAULT_CHUNKS = 8  # the batch is cut into this many sample chunks unless chunk_samples says otherwise
+# By default a chunk's student and teacher logits and student logit gradient take at most this fraction of the
+# bytes of the whole float32 logits that the unfused path holds (the target: a peak of at most 0.25x those).
+CHUNK_FRACTION = 0.2
 
 
 class LastLayerInput(NamedTuple):
@@ -56,6 +57,14 @@ def dino_head_loss_reference(student_features: torch.Tensor, teacher_features: t
     return loss, teacher.sum(dim=0, dtype=accumulate_dtype(dtype))
 
 
+def default_chunk_samples(batch: int, n_student_views: int, n_teacher_views: int, dtype: torch.dtype) -> int:
+    """The most samples per chunk whose logits ``[(Vs + Vt) * b, K]`` and student gradient ``[Vs * b, K]`` in
+    ``dtype`` take at most :data:`CHUNK_FRACTION` of the float32 logits ``[(Vs + Vt) * B, K]``; at least 1."""
+    per_sample = (2 * n_student_views + n_teacher_views) * torch.finfo(dtype).bits // 8
+    whole = (n_student_views + n_teacher_views) * batch * 4
+    return max(1, min(batch, int(CHUNK_FRACTION * whole // per_sample)))
+
+
 def _rows(features: torch.Tensor, n_views: int, first: int, last: int) -> torch.Tensor:
     """Rows of samples ``[first, last)`` of every view of view-major ``features [V*B, D]``: ``[V*(last-first), D]``,
     contiguous."""
@@ -79,8 +88,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=accumulate_dtype(dtype), device=student_features.device)
         teacher_sum = torch.zeros(w_t.shape[0], dtype=loss.dtype, device=student_features.device)
         grad_features = torch.empty_like(student_features) if want_features else None
-        grad_weight = (torch.zeros(student_weight.shape, dtype=accumulate_dtype(dtype), device=student_weight.device)
-                       if want_weight else None)
+        grad_weight = None  # float32 (float64) [K, D], made by the first chunk
         for first in range(0, batch, chunk_samples):
             last = min(first + chunk_samples, batch)
             scale = (last - first) / batch  # the kernel normalises by the chunk's batch, the loss by the whole one
@@ -97,22 +105,32 @@ class _FusedHeadLoss(torch.autograd.Function):
                 grad_features.view(n_student_views, batch, -1)[:, first:last] = grad_rows.view(
                     n_student_views, last - first, -1)
             if want_weight:
-                if dtype == grad_weight.dtype:
-                    grad_weight.addmm_(grad_logits.T, x_s, alpha=scale)
+                if dtype != loss.dtype:  # half precision: the GEMM in it, the sum over chunks in float32
+                    chunk_grad = grad_logits.T @ x_s
+                    grad_weight = (chunk_grad.to(loss.dtype).mul_(scale) if grad_weight is None
+                                   else grad_weight.add_(chunk_grad, alpha=scale))
+                elif grad_weight is None:  # beta=0: the GEMM writes the result without zero-filling it first
+                    grad_weight = torch.addmm(x_s.new_zeros(()), grad_logits.T, x_s, beta=0, alpha=scale)
                 else:
-                    grad_weight.add_(grad_logits.T @ x_s, alpha=scale)
+                    grad_weight.addmm_(grad_logits.T, x_s, alpha=scale)
             del grad_logits
-        ctx.save_for_backward(*(g for g in (grad_features, grad_weight) if g is not None))
-        ctx.has = (want_features, want_weight)
+        # Kept on ctx, not saved for backward: the backward hands them over with no other reference left, so
+        # autograd's gradient accumulation takes the [K, D] weight gradient as it is instead of copying it.
+        ctx.gradients = (grad_features, grad_weight)
         ctx.mark_non_differentiable(teacher_sum)
         return loss, teacher_sum
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_teacher_sum):
-        saved = iter(ctx.saved_tensors)
-        grads = [next(saved) if has else None for has in ctx.has]
-        if grad_loss is not None:
-            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
+        # As dino_loss: scale the gradients in place, skipping the scale when grad_loss is 1 (read in eager CPU code
+        # only, where that costs no device synchronisation).
+        if ctx.gradients is None:
+            raise RuntimeError("dino_head_loss: backward ran twice through one graph; its gradients are handed over "
+                               "and scaled in place, so call the loss again instead of using retain_graph=True")
+        grads, ctx.gradients = ctx.gradients, None
+        unit = not torch.compiler.is_compiling() and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0
+        if not unit:
+            grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
         return grads[0], None, grads[1], None, None, None, None, None, None, None, None
 
 
@@ -163,7 +181,9 @@ def dino_head_loss(student_features: torch.Tensor, teacher_features: torch.Tenso
             dtype); the student's gets a gradient (accumulated in float32, or float64), the teacher's none.
         center: ``[K]`` teacher center.
         n_student_views, n_teacher_views, student_temp, teacher_temp: as :func:`~msd_fast.dino_loss`.
-        chunk_samples: samples per chunk (default ``ceil(B / 8)``); memory grows and launches shrink with it.
+        chunk_samples: samples per chunk; memory grows with it, and the time the weights are read (once per
+            chunk) shrinks. Default :func:`default_chunk_samples` (B = 64, 2 + 10 views: 13 in bfloat16, 6 in
+            float32).
         backend: the loss kernel's, as :func:`~msd_fast.dino_loss`; ``"reference"`` is the unfused
             :func:`dino_head_loss_reference`.
 
@@ -179,7 +199,7 @@ def dino_head_loss(student_features: torch.Tensor, teacher_features: torch.Tenso
         return dino_head_loss_reference(student_features, teacher_features, student_weight, teacher_weight, center,
                                         n_student_views, n_teacher_views, student_temp, teacher_temp)
     batch = student_features.shape[0] // n_student_views
-    chunk = chunk_samples or math.ceil(batch / DEFAULT_CHUNKS)
+    chunk = chunk_samples or default_chunk_samples(batch, n_student_views, n_teacher_views, student_features.dtype)
     if not torch.is_grad_enabled():  # then no gradient is computed either
         student_features, student_weight = student_features.detach(), student_weight.detach()
     return _FusedHeadLoss.apply(student_features.contiguous(), teacher_features.detach().contiguous(),
