@@ -42,6 +42,7 @@ class Record:
     bytes_moved: Optional[int] = None
     peak_extra_bytes: Optional[int] = None
     logits_bytes: Optional[int] = None
+    gradient_bytes: Optional[int] = None
     items: Optional[int] = None
     resolved_backends: Optional[dict] = None
 
@@ -277,6 +278,25 @@ def loss_table(run: Run) -> list:
                    "vs compile", "peak extra memory (x student logits)", "eager", "torch.compile"], rows)
 
 
+def head_loss_table(run: Run) -> list:
+    """Rows of the fused head + loss benchmark: each provider's time against the unfused path on the same backend,
+    and its peak memory beyond the two gradients it returns, as a multiple of the unfused float32 logits."""
+    rows = []
+    for group, providers in sorted(_by_group(run.records).items()):
+        if group[0] != "dino_head_loss":
+            continue
+        for name, record in sorted(providers.items()):
+            kind, _, backend = name.partition("-")
+            unfused = providers.get(f"unfused-{backend}") if kind == "fused" else None
+            beyond = (None if record.peak_extra_bytes is None or not record.logits_bytes else
+                      max(record.peak_extra_bytes - (record.gradient_bytes or 0), 0) / record.logits_bytes)
+            rows.append([group[2], group[3], f"`{name}`", format_time(record.seconds),
+                         format_ratio(_speedup(unfused, record)) if unfused else "--",
+                         "--" if beyond is None else f"{beyond:.2f}x"])
+    return _table(["shape", "dtype", "provider", f"{run.stat} fwd+bwd", "speedup vs unfused",
+                   "peak beyond the gradients (x float32 logits)"], rows)
+
+
 def train_step_table(run: Run) -> list:
     rows = []
     for group, providers in sorted(_by_group(run.records).items()):
@@ -333,6 +353,10 @@ def markdown(run: Run, profile: Optional[dict] = None) -> str:
         ("DINO loss (forward + backward)",
          "Peak extra memory: one step's peak allocation beyond the inputs, as a multiple of the student logits "
          "(the returned gradient alone is 1.0x).", loss_table(run)),
+        ("DINO head last layer + loss, fused (forward + backward)",
+         "`fused-*`: `dino_head_loss` (per chunk of samples: the last layer's GEMM, our loss kernel, the gradients); "
+         "`unfused-*`: `F.linear` to the whole logits, then `dino_loss`. Target: time <= unfused, peak memory beyond "
+         "the returned gradients <= 0.25x the unfused float32 logits.", head_loss_table(run)),
         ("End-to-end MS-DINO training step", "Images/s of one step; `auto` uses our kernels, `reference` forces "
          "every op to the eager reference.", train_step_table(run)),
     ]

@@ -129,3 +129,22 @@ def test_a_run_cut_short_is_skipped(tmp_path):
     (tmp_path / "empty.json").write_text("")  # pytest-benchmark creates the file before the run ends
     run = report.load_runs([str(tmp_path / "empty.json"), str(path), str(tmp_path / "missing.json")])
     assert len(run.records) == 11 and run.machine["cpu_model"] == "AMD EPYC"
+
+
+def test_head_loss_section_compares_fused_with_unfused_on_the_same_backend(tmp_path):
+    def head(provider, median, peak):
+        return _bench(median, op="dino_head_loss", mode="forward_backward", shape="B=64 Vt=2 Vs=12 D=256 K=65536",
+                      dtype="bfloat16", provider=provider, device="cuda", peak_extra_bytes=peak, gradient_bytes=100,
+                      logits_bytes=1000)
+
+    run = {"datetime": "2026-12-04T10:00:00", "machine_info": {"msd_fast": {"device": "cuda", "gpu": "H200"}},
+           "benchmarks": [head("fused-cuda", 0.002, 300), head("unfused-cuda", 0.004, 2100),
+                          head("unfused-triton", 0.003, 2100)]}
+    path = tmp_path / "head.json"
+    path.write_text(json.dumps(run))
+    assert report.main([str(path), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    (fused,) = _row(text, "`fused-cuda`")
+    assert "| 2 ms | 2.00x | 0.20x |" in fused  # 4 ms / 2 ms; (300 - 100) / 1000
+    (unfused,) = _row(text, "`unfused-triton`")
+    assert "| -- | 2.00x |" in unfused
