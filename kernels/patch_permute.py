@@ -1,8 +1,12 @@
 """Triton kernel for key-based patch permutation/encryption (contract: ``csrc/cpu/patch_permute.cpp``).
 
-One program per (output row ``(b, c, h)``, tile of ``BLOCK_W`` columns): each lane gathers its source value through
-the block table ``src_block`` (``[N]`` or per-sample ``[B, N]``) and the value table ``src_elem`` (``[C*p*p]``),
-applies the negative-positive transform where ``flip`` says so, and stores contiguously.
+One program per (output row ``(b, c, h)``, tile of ``BLOCKS`` blocks of that row): a ``[BLOCKS, p]`` tile whose
+row ``j`` is block ``j``'s ``p`` contiguous output columns. Its addresses need no per-value division: the source
+offset of each column ``v`` inside a block (through the value table ``src_elem``, ``[C*p*p]``) is the same for every
+block of the row and is computed once per program; each block's source origin (through the block table
+``src_block``, ``[N]`` or per-sample ``[B, N]``) once per block. The patch size is a compile-time constant (one
+specialisation per patch size), so the divisions by it are multiplications. Lanes gather, apply the
+negative-positive transform where ``flip`` says so, and store the tile contiguously.
 """
 import torch
 import triton
@@ -12,38 +16,44 @@ from .rounding import float32_to_bfloat16_rtne
 
 
 @triton.jit
-def _patch_permute_kernel(x_ptr, out_ptr, src_block_ptr, src_elem_ptr, flip_ptr, C, H, W, p,
+def _patch_permute_kernel(x_ptr, out_ptr, src_block_ptr, src_elem_ptr, flip_ptr, C, H, W, grid_w,
                           stride_b, stride_c, stride_h, stride_w, block_table_stride,
+                          P: tl.constexpr, P_POW2: tl.constexpr, BLOCKS: tl.constexpr,
                           MAX_VALUE: tl.constexpr, HAS_FLIP: tl.constexpr, IS_UINT8: tl.constexpr,
-                          OPMATH_F64: tl.constexpr, IS_BF16: tl.constexpr, BLOCK_W: tl.constexpr):
-    # 1. Output row (b, c, h): block row i = h // p, row u = h % p within it.
+                          OPMATH_F64: tl.constexpr, IS_BF16: tl.constexpr):
+    # 1. Output row (b, c, h): block row i = h // P, row u = h % P within it (P is a compile-time constant, so
+    #    these divisions are multiplications).
     row = tl.program_id(0).to(tl.int64)
     h = row % H
     bc = row // H
     c = bc % C
     b = bc // C
-    grid_w = W // p
-    i = h // p
-    u = h - i * p
-    w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    in_row = w < W
-    # 2. Lane w: block j = w // p of the row, value e = (c, u, v) of that block.
-    j = w // p
-    v = w - j * p
-    e = c * p * p + u * p + v
-    # 3. Source: block m = src_block[(b,) i * gw + j], value s = src_elem[e] = (sc, su, sv) in block m.
+    i = h // P
+    u = h - i * P
+    # 2. Columns v < P of a block: value e = (c, u, v); its source s = src_elem[e] = (sc, su, sv), as an offset
+    #    inside a source block. The same for every block of the row: computed once per program, [P_POW2].
+    v = tl.arange(0, P_POW2)
+    in_block = v < P
+    e = c * P * P + u * P + v
+    s = tl.load(src_elem_ptr + e, mask=in_block, other=0)
+    sc = s // (P * P)
+    su = (s - sc * (P * P)) // P
+    sv = s - sc * (P * P) - su * P
+    value_offset = sc * stride_c + su * stride_h + sv * stride_w
+    # 3. This program's BLOCKS blocks j of the row: source block m = src_block[(b,) i * gw + j], its origin
+    #    (mi * P, mj * P): one division per block, [BLOCKS].
+    j = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+    in_row = j < grid_w
     m = tl.load(src_block_ptr + b * block_table_stride + i * grid_w + j, mask=in_row, other=0)
-    s = tl.load(src_elem_ptr + e, mask=in_row, other=0)
-    sc = s // (p * p)
-    su = (s - sc * p * p) // p
-    sv = s - sc * p * p - su * p
     mi = m // grid_w
     mj = m - mi * grid_w
-    source = x_ptr + b * stride_b + sc * stride_c + (mi * p + su) * stride_h + (mj * p + sv) * stride_w
-    value = tl.load(source, mask=in_row, other=0)
-    # 4. Negative-positive transform max - value where flip[e] (uint8 wraps like the CPU path).
+    block_offset = mi * (P * stride_h) + mj * (P * stride_w)
+    # 4. Gather the [BLOCKS, P] tile: block j's P values of output row (b, c, h) are contiguous columns j*P + v.
+    mask = in_row[:, None] & in_block[None, :]
+    value = tl.load(x_ptr + b * stride_b + block_offset[:, None] + value_offset[None, :], mask=mask, other=0)
+    # 5. Negative-positive transform max - value where flip[e] (uint8 wraps like the CPU path).
     if HAS_FLIP:
-        flip = tl.load(flip_ptr + e, mask=in_row, other=0)
+        flip = tl.load(flip_ptr + e, mask=in_block, other=0)[None, :]
         if IS_UINT8:
             flipped = ((MAX_VALUE - value.to(tl.int32)) & 255).to(value.dtype)
         elif OPMATH_F64:
@@ -53,7 +63,7 @@ def _patch_permute_kernel(x_ptr, out_ptr, src_block_ptr, src_elem_ptr, flip_ptr,
         else:
             flipped = (MAX_VALUE - value.to(tl.float32)).to(value.dtype)
         value = tl.where(flip != 0, flipped, value)
-    tl.store(out_ptr + row * W + w, value, mask=in_row)
+    tl.store(out_ptr + row * W + j[:, None] * P + v[None, :], value, mask=mask)
 
 
 def patch_permute(x: torch.Tensor, src_block: torch.Tensor, src_elem: torch.Tensor, flip, patch_size: int,
@@ -64,13 +74,16 @@ def patch_permute(x: torch.Tensor, src_block: torch.Tensor, src_elem: torch.Tens
     if out.numel() == 0:
         return out
     per_sample = src_block.dim() == 2
-    block_w = min(triton.next_power_of_2(W), 1024)
+    grid_w = W // patch_size
+    p_pow2 = triton.next_power_of_2(patch_size)
+    blocks = min(triton.next_power_of_2(grid_w), max(1, 1024 // p_pow2))
     is_uint8 = x.dtype == torch.uint8
-    grid = (B * C * H, triton.cdiv(W, block_w))
+    grid = (B * C * H, triton.cdiv(grid_w, blocks))
     _patch_permute_kernel[grid](
-        x, out, src_block, src_elem, flip if flip is not None else src_elem, C, H, W, patch_size,
+        x, out, src_block, src_elem, flip if flip is not None else src_elem, C, H, W, grid_w,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3), src_block.shape[1] if per_sample else 0,
-        MAX_VALUE=int(max_value) if is_uint8 else float(max_value), HAS_FLIP=flip is not None,
-        IS_UINT8=is_uint8, OPMATH_F64=x.dtype == torch.float64, IS_BF16=x.dtype == torch.bfloat16, BLOCK_W=block_w,
+        P=patch_size, P_POW2=p_pow2, BLOCKS=blocks, MAX_VALUE=int(max_value) if is_uint8 else float(max_value),
+        HAS_FLIP=flip is not None, IS_UINT8=is_uint8, OPMATH_F64=x.dtype == torch.float64,
+        IS_BF16=x.dtype == torch.bfloat16,
     )
     return out
