@@ -98,7 +98,8 @@ def test_teacher_on_all_tokens_and_the_monitor_are_logged(shards, tmp_path, monk
     def spy(self, inputs, epoch, step):
         calls = []
         teacher_forward = self.teacher.forward
-        self.teacher.forward = lambda x, views: calls.append([v.shape for v in views]) or teacher_forward(x, views)
+        self.teacher.forward = lambda x, views, **options: (calls.append([v.shape for v in views])
+                                                            or teacher_forward(x, views, **options))
         try:
             return original(self, inputs, epoch, step)
         finally:
