@@ -3,11 +3,14 @@
 ``MaskedSamplingNet`` is what the server trains (student) and averages (teacher): raw inputs (encrypted images or
 client-embedded tokens) -> patch tokens -> one fused :func:`~msd_fast.forward_views` per view group -> class-token
 features -> :class:`DINOHead` logits, all views concatenated view-major. Wrapping the whole step in one module's
-``forward`` is what lets ``DistributedDataParallel`` see it.
+``forward`` is what lets ``DistributedDataParallel`` see it. With ``compiled=True`` the forward runs the features
+(patch embedding, ``masked_gather``, blocks, norm) through :func:`compiled_features`; the module itself is not
+wrapped, so its ``state_dict`` keys stay those of the eager network.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import functools
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -107,13 +110,15 @@ class MaskedSamplingNet(nn.Module):
     ``forward(inputs, views)``: ``inputs`` is ``[B, C, H, W]`` raw encrypted images (any dtype; standardised with
     the fixed scalars ``input_mean``/``input_std``) or, in token mode, ``[B, N, D]`` tokens; ``views`` a list of
     ``[V_i, B, K_i]`` index tensors. Returns ``[sum_i V_i * B, out_dim]`` float logits, view-major. ``backend``
-    is the :func:`~msd_fast.masked_gather` backend.
+    is the :func:`~msd_fast.masked_gather` backend; ``compiled`` runs ``forward``'s features under
+    :func:`compiled_features` (direct :meth:`features` calls, e.g. the monitors', stay eager).
     """
 
     def __init__(self, backbone: VisionTransformer, head: DINOHead, *, token_mode: bool, input_mean: float = 0.0,
-                 input_std: float = 1.0, backend: str = "auto"):
+                 input_std: float = 1.0, backend: str = "auto", compiled: bool = False):
         super().__init__()
         self.backbone, self.head, self.token_mode, self.backend = backbone, head, token_mode, backend
+        self.compiled = compiled
         self.register_buffer("input_mean", torch.tensor(float(input_mean)))
         self.register_buffer("input_std", torch.tensor(float(input_std)))
 
@@ -138,4 +143,13 @@ class MaskedSamplingNet(nn.Module):
         return torch.cat([forward_views(self.backbone, tokens, idx, backend=self.backend) for idx in views])
 
     def forward(self, inputs: torch.Tensor, views: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.head(self.features(inputs, views)).float()
+        features = compiled_features()(self, inputs, views) if self.compiled else self.features(inputs, views)
+        return self.head(features).float()
+
+
+@functools.cache
+def compiled_features() -> Callable:
+    """``MaskedSamplingNet.features`` under ``torch.compile`` (static shapes: a run's batch and view sizes are fixed),
+    built once per process. Call as ``compiled_features()(net, inputs, views)``; the custom ops (``masked_gather``)
+    are nodes of its graph, not graph breaks. The head stays eager: its BatchNorm all-reduces across processes."""
+    return torch.compile(MaskedSamplingNet.features, dynamic=False)
