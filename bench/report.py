@@ -44,6 +44,7 @@ class Record:
     logits_bytes: Optional[int] = None
     items: Optional[int] = None
     resolved_backends: Optional[dict] = None
+    compile_seconds: Optional[float] = None
 
     @property
     def group(self) -> tuple:
@@ -277,18 +278,27 @@ def loss_table(run: Run) -> list:
                    "vs compile", "peak extra memory (x student logits)", "eager", "torch.compile"], rows)
 
 
+TRAIN_PROVIDERS = ("reference", "compile", "auto", "auto+compile")  # bench_train_step's, in the table's order
+
+
 def train_step_table(run: Run) -> list:
+    """Rows per training-step provider: time, images/s, speedup over the eager reference and over the reference
+    under ``--compile`` (provider ``compile``), and the compiled providers' warm-up (compile) time."""
     rows = []
     for group, providers in sorted(_by_group(run.records).items()):
         if group[0] != "train_step":
             continue
-        reference = providers.get("reference")
-        for name, record in sorted(providers.items()):
+        reference, compiled = providers.get("reference"), providers.get("compile")
+        order = sorted(providers, key=lambda p: (TRAIN_PROVIDERS.index(p) if p in TRAIN_PROVIDERS else 99, p))
+        for name in order:
+            record = providers[name]
             resolved = ", ".join(f"{op}: {backend}" for op, backend in (record.resolved_backends or {}).items())
             rows.append([group[2], group[3], f"`{name}`" + (f" ({resolved})" if resolved else ""),
                          format_time(record.seconds), f"{(record.items or 0) / record.seconds:.1f}",
-                         format_ratio(_speedup(reference, record)) if name != "reference" else "1.00x"])
-    return _table(["model, batch, views", "precision", "ops", f"{run.stat} step", "images/s", "speedup"], rows)
+                         format_ratio(_speedup(reference, record)), format_ratio(_speedup(compiled, record)),
+                         "--" if record.compile_seconds is None else f"{record.compile_seconds:.0f} s"])
+    return _table(["model, batch, views", "precision", "ops", f"{run.stat} step", "images/s", "vs reference",
+                   "vs compile", "compile time"], rows)
 
 
 def profile_table(profile: dict) -> list:
@@ -334,7 +344,8 @@ def markdown(run: Run, profile: Optional[dict] = None) -> str:
          "Peak extra memory: one step's peak allocation beyond the inputs, as a multiple of the student logits "
          "(the returned gradient alone is 1.0x).", loss_table(run)),
         ("End-to-end MS-DINO training step", "Images/s of one step; `auto` uses our kernels, `reference` forces "
-         "every op to the eager reference.", train_step_table(run)),
+         "every op to the eager reference; `compile` and `auto+compile` are the same under the trainer's "
+         "`--compile` (compile time: the warm-up step).", train_step_table(run)),
     ]
     for title, note, table in sections:
         if len(table) > 2:
