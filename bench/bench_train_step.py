@@ -41,7 +41,7 @@ PROVIDERS = {"reference": ("reference", False), "auto": ("auto", False), "compil
              "auto+compile": ("auto", True)}
 
 
-def bench_config() -> PretrainConfig:
+def step_config() -> PretrainConfig:
     """The pretraining settings of the benchmark (DINO's head, 2 + 8 views, no last-layer freezing)."""
     return PretrainConfig(shards=["<benchmark: no shards>"], depth=DEPTH, out_dim=OUT_DIM, global_views=2,
                           global_keep=0.5, local_views=8, local_keep=0.2, batch_size=BATCH, epochs=1,
@@ -64,7 +64,7 @@ def networks(config: PretrainConfig, backend: str, compiled: bool) -> tuple:
 def make_training_step(backend: str, compiled: bool):
     """One MS-DINO step (:func:`distillation_step`) on a fixed batch, every op on ``backend``, the networks' features
     compiled when ``compiled``; returns ``step() -> loss`` (synchronised)."""
-    config = bench_config()
+    config = step_config()
     torch.manual_seed(0)
     student, teacher = networks(config, backend, compiled)
     loss_fn = DINOLoss(OUT_DIM, config.global_views + config.local_views, config.global_views, n_epochs=1,

@@ -1,11 +1,13 @@
 """One training step on a GPU waits for the device only where it reads a value: drawing and copying the views,
-the student and teacher forwards (masked_gather's range check skipped), the loss, backward, clipping, AdamW and the
+the student and teacher forwards (masked_gather's range check skipped, the head's BatchNorm counting rows on the
+device), the loss, backward, clipping, AdamW and the
 EMA run under ``torch.cuda.set_sync_debug_mode("error")``; the loss's ``float`` in ``distillation_step`` is the one
 sync left (it checks the loss is finite). (The compiled step's range check is covered on the CPU, in
 test_compile_pretraining.py.)"""
 import pytest
 import torch
 
+from msd_fast.server.model import GlobalBatchNorm1d
 from msd_fast.server.trainer import Pretraining, ema_update, optimize, teacher_targets
 from msd_fast.server.views import draw_views
 
@@ -29,3 +31,13 @@ def test_a_step_has_no_sync_but_the_loss_value(tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)
+
+
+def test_global_batch_norm_counts_on_the_device_and_matches_batch_norm():
+    """Its row count is made on the device (no host copy); one process: torch's BatchNorm1d, statistics included."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 5) * 3 + 1
+    mine, theirs = GlobalBatchNorm1d(5), torch.nn.BatchNorm1d(5)
+    torch.testing.assert_close(mine(x), theirs(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mine.running_var, theirs.running_var, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mine.running_mean, theirs.running_mean, rtol=1e-6, atol=1e-7)

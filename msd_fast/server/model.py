@@ -30,7 +30,8 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         if not self.training:
             return super().forward(x)
         values = x.float()
-        stats = torch.cat([values.sum(0), (values * values).sum(0), values.new_tensor([values.shape[0]])])
+        # the count is filled on the device: new_tensor([...]) would copy from the host and synchronise the stream
+        stats = torch.cat([values.sum(0), (values * values).sum(0), values.new_full((1,), values.shape[0])])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             stats = dist_nn.all_reduce(stats)  # differentiable: the backward all-reduces the gradient too
         d = values.shape[1]
