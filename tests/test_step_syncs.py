@@ -1,9 +1,8 @@
 """One training step on a GPU waits for the device only where it reads a value: drawing and copying the views,
 the student and teacher forwards (masked_gather's range check skipped, the head's BatchNorm counting rows on the
-device), the loss, backward, clipping, AdamW and the
-EMA run under ``torch.cuda.set_sync_debug_mode("error")``; the loss's ``float`` in ``distillation_step`` is the one
-sync left (it checks the loss is finite). (The compiled step's range check is covered on the CPU, in
-test_compile_pretraining.py.)"""
+device), the loss, backward, clipping, AdamW and the EMA run under ``torch.cuda.set_sync_debug_mode("error")``; the
+loss's ``float`` in ``distillation_step`` is the one sync left (it checks the loss is finite). The compiled step's
+range check is covered on the CPU, in test_compile_pretraining.py."""
 import pytest
 import torch
 
