@@ -32,11 +32,14 @@ def test_compiled_step_matches_eager_and_keeps_the_checkpoint_keys(shard, tmp_pa
     compiled, compiled_losses = _train(shard, tmp_path / "compiled", compile=True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # the student's and the teacher's
     torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-5, atol=0)
-    for name in ("student", "teacher"):
+    # Rounding can flip the sign of a near-zero gradient, and Adam turns that into a full step of the other sign:
+    # the bound is a few lr per step for the student, (1 - momentum) of that for the EMA teacher.
+    adam_bound = 3 * float(eager.lr[:2].sum())
+    for name, atol in (("student", adam_bound), ("teacher", adam_bound * (1 - float(eager.momentum[:2].min())))):
         mine, theirs = getattr(compiled, name).state_dict(), getattr(eager, name).state_dict()
         assert list(mine) == list(theirs) and not any("_orig_mod" in key for key in mine)
         for key in theirs:
-            torch.testing.assert_close(mine[key], theirs[key], rtol=0, atol=2e-4, msg=f"{name} {key}")
+            torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=atol, msg=f"{name} {key}")
     state = compiled.state(epoch=1)
     fresh = Pretraining(tiny_config(shard, tmp_path / "fresh", drop_path=0.0))
     fresh.student.load_state_dict(state["student"])  # strict: the eager network loads a compiled run's checkpoint
