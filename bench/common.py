@@ -3,14 +3,17 @@ references, peak-memory measurement and a description of the machine.
 
 Providers (one per implementation timed in a group):
   ``reference`` the eager PyTorch reference through the public API (``backend="reference"``);
-  ``compile``   ``torch.compile`` of the bare reference function (the alternative a user would reach for);
+  ``compile``   ``torch.compile`` of the bare reference function (the alternative a user would reach for; the
+                training step: the reference under the trainer's ``--compile``, and ``auto+compile`` our kernels
+                under it);
   ``cpu`` / ``triton`` / ``cuda``  our kernels (Triton only on a GPU: its CPU interpreter is a correctness tool);
   ``copy``      a plain device copy of the same bytes (memory-bound ops only): the physical limit.
 
 Record schema (``benchmark.extra_info``, set by :func:`describe`): ``op``, ``mode`` (``forward`` or
 ``forward_backward``), ``shape`` (a label), ``dtype``, ``provider``, ``device``, and where they apply
 ``bytes_moved`` (bytes read + written by one call), ``peak_extra_bytes`` and ``logits_bytes`` (the loss) and
-``items`` (images per call, end-to-end steps). One group per (op, mode, shape, dtype, device), so pytest-benchmark's
+``items`` (images per call, end-to-end steps) and ``compile_seconds`` (compiled end-to-end providers: their
+warm-up step). One group per (op, mode, shape, dtype, device), so pytest-benchmark's
 own tables compare the providers of one configuration.
 """
 from __future__ import annotations
@@ -82,11 +85,16 @@ def compile_reference(fn: Callable, warm_up: Callable[[Callable], object], group
         warm_up(compiled)
         synchronize()
     except Exception as error:  # any compiler failure: record it and move on
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
-        COMPILE_FAILURES.append({"group": group, "error": reason})
-        pytest.skip(f"torch.compile of the reference failed: {reason}")
+        skip_compile_failure(group, error)
     compiled.compile_seconds = time.perf_counter() - start
     return compiled
+
+
+def skip_compile_failure(group: str, error: Exception) -> None:
+    """Record a compiler failure of benchmark ``group`` in :data:`COMPILE_FAILURES` and skip the test with it."""
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+    COMPILE_FAILURES.append({"group": group, "error": reason})
+    pytest.skip(f"torch.compile failed: {reason}")
 
 
 def _resident_bytes() -> int:

@@ -45,6 +45,7 @@ class Record:
     gradient_bytes: Optional[int] = None
     items: Optional[int] = None
     resolved_backends: Optional[dict] = None
+    compile_seconds: Optional[float] = None
 
     @property
     def group(self) -> tuple:
@@ -297,18 +298,27 @@ def head_loss_table(run: Run) -> list:
                    "peak beyond the gradients (x float32 logits)"], rows)
 
 
+TRAIN_PROVIDERS = ("reference", "compile", "auto", "auto+compile")  # bench_train_step's, in the table's order
+
+
 def train_step_table(run: Run) -> list:
+    """Rows per training-step provider: time, images/s, speedup over the eager reference and over the reference
+    under ``--compile`` (provider ``compile``), and the compiled providers' warm-up (compile) time."""
     rows = []
     for group, providers in sorted(_by_group(run.records).items()):
         if group[0] != "train_step":
             continue
-        reference = providers.get("reference")
-        for name, record in sorted(providers.items()):
+        reference, compiled = providers.get("reference"), providers.get("compile")
+        order = sorted(providers, key=lambda p: (TRAIN_PROVIDERS.index(p) if p in TRAIN_PROVIDERS else 99, p))
+        for name in order:
+            record = providers[name]
             resolved = ", ".join(f"{op}: {backend}" for op, backend in (record.resolved_backends or {}).items())
             rows.append([group[2], group[3], f"`{name}`" + (f" ({resolved})" if resolved else ""),
                          format_time(record.seconds), f"{(record.items or 0) / record.seconds:.1f}",
-                         format_ratio(_speedup(reference, record)) if name != "reference" else "1.00x"])
-    return _table(["model, batch, views", "precision", "ops", f"{run.stat} step", "images/s", "speedup"], rows)
+                         format_ratio(_speedup(reference, record)), format_ratio(_speedup(compiled, record)),
+                         "--" if record.compile_seconds is None else f"{record.compile_seconds:.0f} s"])
+    return _table(["model, batch, views", "precision", "ops", f"{run.stat} step", "images/s", "vs reference",
+                   "vs compile", "compile time"], rows)
 
 
 def profile_table(profile: dict) -> list:
@@ -358,7 +368,8 @@ def markdown(run: Run, profile: Optional[dict] = None) -> str:
          "`unfused-*`: `F.linear` to the whole logits, then `dino_loss`. Target: time <= unfused, peak memory beyond "
          "the returned gradients <= 0.25x the unfused float32 logits.", head_loss_table(run)),
         ("End-to-end MS-DINO training step", "Images/s of one step; `auto` uses our kernels, `reference` forces "
-         "every op to the eager reference.", train_step_table(run)),
+         "every op to the eager reference; `compile` and `auto+compile` are the same under the trainer's "
+         "`--compile` (compile time: the warm-up step).", train_step_table(run)),
     ]
     for title, note, table in sections:
         if len(table) > 2:

@@ -148,3 +148,19 @@ def test_head_loss_section_compares_fused_with_unfused_on_the_same_backend(tmp_p
     assert "| 2 ms | 2.00x | 0.20x |" in fused  # 4 ms / 2 ms; (300 - 100) / 1000
     (unfused,) = _row(text, "`unfused-triton`")
     assert "| -- | 2.00x |" in unfused
+
+
+def test_train_step_table_compares_every_provider_with_both_references(tmp_path):
+    runs = {"datetime": "2026-12-04", "benchmarks": [
+        _train("auto+compile", 0.4), _train("auto", 0.5), _train("compile", 0.8), _train("reference", 1.0)]}
+    for bench in runs["benchmarks"]:
+        if "compile" in bench["extra_info"]["provider"]:
+            bench["extra_info"]["compile_seconds"] = 42.0
+    (tmp_path / "train.json").write_text(json.dumps(runs))
+    text = report.markdown(report.load_runs([str(tmp_path / "train.json")]))
+    rows = [line for line in text.splitlines() if "| vit_tiny B=64 |" in line]
+    assert [row.split(" | ")[2].split(" ")[0] for row in rows] == ["`reference`", "`compile`", "`auto`",
+                                                                    "`auto+compile`"]
+    # 64 images in 0.4 s; 1.0 s / 0.4 s over the eager reference, 0.8 s / 0.4 s over the compiled one
+    assert "| 400 ms | 160.0 | 2.50x | 2.00x | 42 s |" in rows[3]
+    assert "| 1 s | 64.0 | 1.00x | 0.80x | -- |" in rows[0]

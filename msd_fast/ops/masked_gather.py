@@ -240,7 +240,9 @@ def masked_gather(tokens: torch.Tensor, idx: torch.Tensor, *, pos: Optional[torc
             or None.
         prefix: ``[P, D]`` of ``tokens``' dtype (class and register tokens, with their own position embedding
             already added), prepended to every output row; or None (``P = 0``).
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``. Under ``torch.compile``
+            ``"reference"`` is traced into the graph (the baseline a compiler makes of the plain PyTorch), every other
+            backend is one custom-op node.
 
     Returns:
         Contiguous ``[V * B, P + K, D]`` of ``tokens``' dtype, view-major: row ``v * B + b`` is view ``v`` of sample
@@ -251,6 +253,9 @@ def masked_gather(tokens: torch.Tensor, idx: torch.Tensor, *, pos: Optional[torc
         index outside ``[0, N)``.
     """
     check_masked_gather_args(tokens, idx, pos, prefix)
+    if backend == "reference" and torch.compiler.is_compiling():
+        # Traced, not an opaque op: the compiler fuses the reference's math (its indexing checks the bounds).
+        return masked_gather_reference(tokens, idx, pos, prefix)
     return _masked_gather(tokens, idx, pos, prefix, backend)
 
 

@@ -67,6 +67,11 @@ class PretrainConfig:
     freeze_last_layer: int = flag(1, "epochs during which the head's last layer is not updated")
     precision: str = flag("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16", choices=("auto", "fp32",
                                                                                                   "bf16"))
+    compile: bool = flag(False, "torch.compile the student's and teacher's backbone on the views (patch embedding, "
+                                "fused masked_gather, blocks, norm; the head stays eager): the first steps compile "
+                                "(seconds to a minute), later ones run the fused graphs; the weights match eager "
+                                "training up to float rounding, but drop path draws from the compiler's own random "
+                                "stream")
     device: str = flag("auto", "auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
     seed: int = flag(0, "seed of data order, views and initialisation")
     log_every: int = flag(10, "log every N steps")

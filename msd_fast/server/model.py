@@ -3,11 +3,14 @@
 ``MaskedSamplingNet`` is what the server trains (student) and averages (teacher): raw inputs (encrypted images or
 client-embedded tokens) -> patch tokens -> one fused :func:`~msd_fast.forward_views` per view group -> class-token
 features -> :class:`DINOHead` logits, all views concatenated view-major. Wrapping the whole step in one module's
-``forward`` is what lets ``DistributedDataParallel`` see it.
+``forward`` is what lets ``DistributedDataParallel`` see it. With ``compiled=True`` the forward runs the features
+(patch embedding, ``masked_gather``, blocks, norm) through :func:`compiled_features`; the module itself is not
+wrapped, so its ``state_dict`` keys stay those of the eager network.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import functools
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,7 +31,8 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         if not self.training:
             return super().forward(x)
         values = x.float()
-        stats = torch.cat([values.sum(0), (values * values).sum(0), values.new_tensor([values.shape[0]])])
+        # the count is filled on the device: new_tensor([...]) would copy from the host and synchronise the stream
+        stats = torch.cat([values.sum(0), (values * values).sum(0), values.new_full((1,), values.shape[0])])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             stats = dist_nn.all_reduce(stats)  # differentiable: the backward all-reduces the gradient too
         d = values.shape[1]
@@ -116,13 +120,15 @@ class MaskedSamplingNet(nn.Module):
     ``[V_i, B, K_i]`` index tensors. Returns ``[sum_i V_i * B, out_dim]`` float logits, view-major, or with
     ``last_layer=False`` the head's :class:`~msd_fast.ops.dino_head_loss.LastLayerInput` (features in the autocast
     dtype when autocast is on, else float32), for the fused head + loss. ``backend`` is the
-    :func:`~msd_fast.masked_gather` backend.
+    :func:`~msd_fast.masked_gather` backend; ``compiled`` runs ``forward``'s features under
+    :func:`compiled_features` (direct :meth:`features` calls, e.g. the monitors', stay eager).
     """
 
     def __init__(self, backbone: VisionTransformer, head: DINOHead, *, token_mode: bool, input_mean: float = 0.0,
-                 input_std: float = 1.0, backend: str = "auto"):
+                 input_std: float = 1.0, backend: str = "auto", compiled: bool = False):
         super().__init__()
         self.backbone, self.head, self.token_mode, self.backend = backbone, head, token_mode, backend
+        self.compiled = compiled
         self.register_buffer("input_mean", torch.tensor(float(input_mean)))
         self.register_buffer("input_std", torch.tensor(float(input_std)))
 
@@ -147,10 +153,18 @@ class MaskedSamplingNet(nn.Module):
         return torch.cat([forward_views(self.backbone, tokens, idx, backend=self.backend) for idx in views])
 
     def forward(self, inputs: torch.Tensor, views: Sequence[torch.Tensor], last_layer: bool = True):
-        features = self.features(inputs, views)
+        features = compiled_features()(self, inputs, views) if self.compiled else self.features(inputs, views)
         if last_layer:
             return self.head(features).float()
         head_input = self.head(features, last_layer=False)
         device = features.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
         return LastLayerInput(head_input.features.to(dtype), head_input.weight)
+
+
+@functools.cache
+def compiled_features() -> Callable:
+    """``MaskedSamplingNet.features`` under ``torch.compile`` (static shapes: a run's batch and view sizes are fixed),
+    built once per process. Call as ``compiled_features()(net, inputs, views)``; the custom ops (``masked_gather``)
+    are nodes of its graph, not graph breaks. The head stays eager: its BatchNorm all-reduces across processes."""
+    return torch.compile(MaskedSamplingNet.features, dynamic=False)

@@ -51,7 +51,7 @@ SIGNAL_SAMPLE = 512  # items of the shards the collapse signals are measured on,
 
 def build_networks(config: PretrainConfig, meta: ShardMetadata, input_stats: tuple[float, float]):
     """Student and teacher :class:`MaskedSamplingNet` for data of geometry ``meta`` (teacher: same weights, no
-    stochastic depth, no gradients)."""
+    stochastic depth, no gradients), with compiled features under ``config.compile``."""
     token_mode = meta.mode == "token"
     overrides = config.model_overrides()
     if token_mode:
@@ -70,7 +70,7 @@ def build_networks(config: PretrainConfig, meta: ShardMetadata, input_stats: tup
         if token_mode:  # tokens arrive embedded: the patch embedding is never used
             backbone.patch_embed.requires_grad_(False)
         return MaskedSamplingNet(backbone, head, token_mode=token_mode, input_mean=input_stats[0],
-                                 input_std=input_stats[1])
+                                 input_std=input_stats[1], compiled=config.compile)
 
     student = network(config.drop_path)
     teacher = network(0.0)

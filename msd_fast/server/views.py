@@ -27,9 +27,13 @@ class Views:
 
     def select(self, first: int, count: int, device: torch.device, num_tokens: int) -> "Views":
         """Items ``[first, first + count)`` of every group, on ``device``, marked as in range for ``masked_gather``
-        (they are by construction: this spares its index-range check, a device sync per call on GPUs)."""
+        (they are by construction: this spares its index-range check, a device sync per call on GPUs). The copy to
+        a GPU does not block: from pageable memory CUDA stages it before returning, so no stream synchronisation
+        waits for the previous step's work."""
         def part(idx: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if idx is None else mark_index_range(idx[:, first:first + count].to(device), num_tokens)
+            if idx is None:
+                return None
+            return mark_index_range(idx[:, first:first + count].to(device, non_blocking=True), num_tokens)
 
         return Views(part(self.global_views), part(self.local_views))
 
