@@ -5,7 +5,8 @@ providers in the same run:
   ``reference``     every op forced to the eager reference (``backend="reference"``), eager;
   ``auto``          our kernels (``backend="auto"``), eager;
   ``compile``       the reference under the trainer's ``--compile`` (the reference's math traced into the graph);
-  ``auto+compile``  our kernels under ``--compile`` (custom-op nodes inside the compiled graph).
+  ``auto+compile``  our kernels under ``--compile`` (custom-op nodes inside the compiled graph);
+  ``auto+fused-head``  our kernels, eager, with ``--fused-head`` (the head's last layer inside the loss).
 
 One step: :func:`~msd_fast.server.views.draw_views` (2 global views keeping 0.5, 8 local views keeping 0.2, drawn
 on the CPU and copied) -> student on all views and EMA teacher on the global views (``MaskedSamplingNet``: fused
@@ -36,16 +37,17 @@ if DEVICE == "cuda":
 else:
     ARCH, DEPTH, BATCH, OUT_DIM, ROUNDS = "vit_tiny_patch16_224", 4, 4, 4096, 5
 BF16 = DEVICE == "cuda"
-# provider -> (backend of every op, the trainer's compile option)
-PROVIDERS = {"reference": ("reference", False), "auto": ("auto", False), "compile": ("reference", True),
-             "auto+compile": ("auto", True)}
+# provider -> (backend of every op, the trainer's compile option, its fused_head option)
+PROVIDERS = {"reference": ("reference", False, False), "auto": ("auto", False, False),
+             "compile": ("reference", True, False), "auto+compile": ("auto", True, False),
+             "auto+fused-head": ("auto", False, True)}
 
 
-def step_config() -> PretrainConfig:
+def step_config(fused_head: bool = False) -> PretrainConfig:
     """The pretraining settings of the benchmark (DINO's head, 2 + 8 views, no last-layer freezing)."""
     return PretrainConfig(shards=["<benchmark: no shards>"], depth=DEPTH, out_dim=OUT_DIM, global_views=2,
                           global_keep=0.5, local_views=8, local_keep=0.2, batch_size=BATCH, epochs=1,
-                          freeze_last_layer=0, momentum_teacher=0.996)
+                          freeze_last_layer=0, momentum_teacher=0.996, fused_head=fused_head)
 
 
 def networks(config: PretrainConfig, backend: str, compiled: bool) -> tuple:
@@ -61,10 +63,11 @@ def networks(config: PretrainConfig, backend: str, compiled: bool) -> tuple:
     return student, teacher
 
 
-def make_training_step(backend: str, compiled: bool):
+def make_training_step(backend: str, compiled: bool, fused_head: bool = False):
     """One MS-DINO step (:func:`distillation_step`) on a fixed batch, every op on ``backend``, the networks' features
-    compiled when ``compiled``; returns ``step() -> loss`` (synchronised)."""
-    config = step_config()
+    compiled when ``compiled``, the fused head + loss when ``fused_head``; returns ``step() -> loss``
+    (synchronised)."""
+    config = step_config(fused_head)
     torch.manual_seed(0)
     student, teacher = networks(config, backend, compiled)
     loss_fn = DINOLoss(OUT_DIM, config.global_views + config.local_views, config.global_views, n_epochs=1,
@@ -87,12 +90,12 @@ def make_training_step(backend: str, compiled: bool):
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def bench_train_step(benchmark, provider):
-    backend, compiled = PROVIDERS[provider]
+    backend, compiled, fused_head = PROVIDERS[provider]
     shape = f"{ARCH}{f' depth {DEPTH}' if DEPTH else ''} B={BATCH} K={OUT_DIM} views=2x0.5+8x0.2"
     dtype = "bfloat16 autocast" if BF16 else "float32"
     if compiled:
         torch._dynamo.reset()  # this provider's graphs only, never past the recompile limit
-    step = make_training_step(backend, compiled)
+    step = make_training_step(backend, compiled, fused_head)
     start = time.perf_counter()
     try:  # warm-up (distillation_step raises on a non-finite loss): cuDNN/cuBLAS heuristics, Triton JIT, allocator,
         step()  # and the compiled graphs (student's and teacher's)

@@ -45,10 +45,10 @@ def count_syncs(step) -> tuple:
 
 
 def profile_provider(provider: str) -> dict:
-    backend, compiled = PROVIDERS[provider]
+    backend, compiled, fused_head = PROVIDERS[provider]
     if compiled:
         torch._dynamo.reset()
-    step = make_training_step(backend, compiled)
+    step = make_training_step(backend, compiled, fused_head)
     step(), step()
     syncs, first_sync = count_syncs(step)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
