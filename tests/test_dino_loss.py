@@ -83,6 +83,52 @@ def test_cpu_matches_reference(n_student_views, n_teacher_views, out_dim, batch)
     assert_matches_reference("cpu", *inputs, n_student_views, n_teacher_views)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dim", [17, 1024, 1025, 3 * 1024 + 5])
+def test_cpu_column_tiles(out_dim, dtype):
+    """The CPU kernel streams rows in tiles of 1024 columns with vector loops: full and partial tiles and vector
+    tails; bfloat16 keeps its exponentials in a float32 row, float32 in the gradient itself."""
+    assert_matches_reference("cpu", *make_inputs(5, 2, 1, out_dim, dtype=dtype), 5, 2)
+
+
+@pytest.mark.parametrize("n_student_views,n_teacher_views", [(6, 2), (2, 3)])
+@pytest.mark.parametrize("direction", ["rising", "falling"])
+def test_cpu_running_max_across_tiles(direction, n_student_views, n_teacher_views):
+    """Logits that rise along the row move the running max at every tile (each earlier sum and distance is
+    rescaled); falling ones keep the first tile's max to the end."""
+    batch, out_dim = 2, 4 * 1024 + 3
+    student, teacher, center = make_inputs(n_student_views, n_teacher_views, batch, out_dim)
+    ramp = torch.linspace(-20.0, 20.0, out_dim)
+    student = student + (ramp if direction == "rising" else ramp.flip(0))
+    assert_matches_reference("cpu", student, teacher, center, n_student_views, n_teacher_views)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_loss_is_the_same_with_and_without_gradient(dtype):
+    student, teacher, center = make_inputs(6, 2, 2, 3000, dtype=dtype)
+    loss, _ = loss_and_grad("cpu", student, teacher, center, 6, 2)
+    with torch.no_grad():
+        no_grad_loss = dino_loss(student, teacher, center, n_student_views=6, n_teacher_views=2, backend="cpu")
+    assert torch.equal(loss, no_grad_loss)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cpu_result_does_not_depend_on_threads(batch):
+    """Threads share out the student rows in chunks (on three threads, of 3 and 6 rows here: samples are split
+    between threads and a chunk spans two samples); every row and the sum over rows are computed the same way on
+    any number of threads."""
+    inputs = make_inputs(10, 2, batch, 4000)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = loss_and_grad("cpu", *inputs, 10, 2)
+        torch.set_num_threads(3)
+        three_threads = loss_and_grad("cpu", *inputs, 10, 2)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_thread[0], three_threads[0]) and torch.equal(one_thread[1], three_threads[1])
+
+
 @pytest.mark.parametrize("n_student_views,n_teacher_views", [(1, 2), (2, 1), (6, 2), (12, 2)])
 @pytest.mark.parametrize("out_dim", [77, 1000])
 @pytest.mark.parametrize("batch", [1, 2])

@@ -1,17 +1,24 @@
-// DINO distillation loss on CPU: loss and student gradient in two streaming passes per sample, no [V, B, K]
+// DINO distillation loss on CPU: loss and student gradient with one exponential per logit and no [V, B, K]
 // temporaries (contract and gradient derivation: msd_fast/ops/dino_loss.py).
 //
-// Threads split the batch: one sample b owns its Vt teacher rows and Vs student rows. Its columns are streamed in
-// tiles of kTile values (small enough that a tile of every view stays in L1):
-//   pass 1, per teacher view v: running max M_v and sum S_v of e_v = exp(y_v - M_v), y_v = (t_v - c) / tau_t;
-//           per student view u: running max m_u and sum of exp(z_u - m_u), z_u = s_u / tau_s;
-//           per pair: D[v][u] = sum_k e_v[k] * (m_u - z_u[k]), a sum of non-negative terms (no cancellation,
-//           exact for unbounded logits), rescaled when M_v grows and shifted by (m_new - m_old) * S_v when m_u grows.
-//           Row loss (u, b) = sum_{v != u} D[v][u] / S_v + m_u_count * log(sum_u), since <q_v, LSE(z) - z> =
-//           <q_v, m_u - z> + log(sum_u) and sum_k q_v = 1.
-//   pass 2 (if the gradient is wanted): q_v = exp(y_v - LSE_v), p_u = exp(z_u - LSE_u) and
-//           grad_u = scale * (m_u_count * p_u - sum_{v != u} q_v), written in the logits' dtype.
-// Extra memory: the gradient itself plus per-thread tiles and O(Vt * Vs) statistics per sample.
+// Threads share out the Vs * B student rows, taken sample by sample, in contiguous chunks of up to Vs rows (a whole
+// sample when B >= threads). For each sample in a chunk a thread first builds the sample's targets, then streams each
+// of the chunk's rows of that sample twice:
+//   targets: q_v = softmax((t_v - c) / tau_t) for every teacher view v (a max pass, then one exp pass), added into
+//            T_u = sum_{v != u} q_v for each u < Vt and T_all = sum_v q_v, the target of every u >= Vt (sums of
+//            non-negative terms: no cancellation). Computed once per sample, not once per (v, u) pair.
+//   pass 1 over row (u, b): z = s_u / tau_s in tiles of kTile values (a tile stays in L1), online softmax: the tile's
+//            max first, then in one vectorised loop the running sum of exp(z - m) and D = sum_k T_k (m - z_k), a sum
+//            of non-negative terms (exact for unbounded logits), shifted by (m_new - m_old) * sum(T so far) when the
+//            running max m grows. Row loss = count * log(sum) + D, since <T, LSE(z) - z> = <T, m - z> + count *
+//            log(sum) with count = sum_k T_k, the number of teacher views v != u.
+//            If the gradient is wanted, the loop also stores e = exp(z - m_tile), m_tile the running max at its tile.
+//   pass 2 over row (u, b) (gradient only, right after pass 1, so the row is still in L2): softmax(z) =
+//            e * exp(m_tile - LSE), so grad_u = scale * (count * exp(m_tile - LSE) * e - T), in the logits' dtype.
+// Pass 1 stores e in the gradient row itself when it has the accumulation dtype (float32, float64), else in a
+// per-thread float32 row, so that a 16-bit gradient is rounded once.
+// Extra memory: the gradient itself plus, per thread, Vt + 2 rows of K values (targets and one teacher row), one
+// more for 16-bit logits, and the tile maxima of one row.
 #include <omp.h>
 
 #include <ATen/Dispatch.h>
@@ -27,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../common/argument_checks.h"
@@ -36,12 +44,14 @@ namespace msd_fast {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTile = 256;
+constexpr int64_t kTile = 1024;
 
-// The build targets baseline x86-64 (SSE2). On Linux x86-64 the two per-sample passes, where the exponentials are,
-// are also compiled for AVX2+FMA and AVX+FMA; the loader picks the best clone for the CPU (function multiversioning).
+// The build targets baseline x86-64 (SSE2). On Linux x86-64 the targets and the student rows, where the exponentials
+// are, are also compiled for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2); the loader picks the best clone the CPU
+// supports (function multiversioning). The x86-64-vN levels are checked by CPU feature; an arch=<cpu name> clone such
+// as arch=haswell is checked by CPU model (__builtin_cpu_is), so that an AMD Zen 5 never ran it.
 #if defined(__linux__) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__AVX__)
-#define MSD_FAST_SIMD_CLONES __attribute__((target_clones("arch=haswell", "fma", "default"), flatten))
+#define MSD_FAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
 #else
 #define MSD_FAST_SIMD_CLONES
 #endif
@@ -77,194 +87,161 @@ inline double exp_nonpositive(double x) { return std::exp(x); }
 template <typename acc_t>
 constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
-template <typename acc_t>
-acc_t tile_max(const acc_t* values, int64_t n) {
+// max_k values[k] (as acc_t); the select form vectorises to max instructions.
+template <typename scalar_t, typename acc_t>
+acc_t row_max(const scalar_t* values, int64_t n) {
   acc_t result = kNegInf<acc_t>;
 #pragma omp simd reduction(max : result)
-  for (int64_t k = 0; k < n; ++k) result = std::max(result, values[k]);
-  return result;
-}
-
-// out[k] = exp(values[k] - shift); returns the sum of out.
-template <typename acc_t>
-acc_t exp_shifted(const acc_t* values, acc_t shift, acc_t* out, int64_t n) {
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < n; ++k) {
-    out[k] = exp_nonpositive(values[k] - shift);
-    sum += out[k];
+    const acc_t value = static_cast<acc_t>(values[k]);
+    result = value > result ? value : result;
   }
-  return sum;
-}
-
-template <typename acc_t>
-acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < n; ++k) sum += a[k] * b[k];
-  return sum;
-}
-
-template <typename acc_t>
-void add_to(const acc_t* values, acc_t* sum, int64_t n) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) sum[k] += values[k];
-}
-
-// y[k] = (teacher[k] - center[k]) * inv_temp: the sharpened, centered teacher logits of one tile.
-template <typename scalar_t, typename acc_t>
-void teacher_tile(const scalar_t* teacher, const acc_t* center, acc_t inv_temp, acc_t* y, int64_t n) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) y[k] = (static_cast<acc_t>(teacher[k]) - center[k]) * inv_temp;
-}
-
-template <typename scalar_t, typename acc_t>
-void student_tile(const scalar_t* student, acc_t inv_temp, acc_t* z, int64_t n) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) z[k] = static_cast<acc_t>(student[k]) * inv_temp;
+  return result;
 }
 
 struct Shape {
   int64_t batch, out_dim, student_views, teacher_views;
   // Number of teacher views v != u that student view u is compared with.
   int64_t targets_of(int64_t u) const { return u < teacher_views ? teacher_views - 1 : teacher_views; }
+  // Row of the targets buffer holding student view u's target: T_u for u < Vt, T_all (row Vt) otherwise.
+  int64_t target_row(int64_t u) const { return std::min(u, teacher_views); }
 };
 
-// Online statistics of one sample (see the file comment); logsumexp() finalises them after pass 1.
+// Per-thread buffers, reused across the thread's rows.
 template <typename acc_t>
-struct SampleStats {
-  std::vector<acc_t> teacher_max, teacher_sum, student_max, student_sum, pair_sum;  // pair_sum[v * Vs + u]
-
-  explicit SampleStats(const Shape& shape)
-      : teacher_max(shape.teacher_views, kNegInf<acc_t>),
-        teacher_sum(shape.teacher_views, 0),
-        student_max(shape.student_views, kNegInf<acc_t>),
-        student_sum(shape.student_views, 0),
-        pair_sum(shape.teacher_views * shape.student_views, 0) {}
+struct Workspace {
+  std::vector<acc_t> targets;       // [Vt + 1, K]: T_u (u < Vt) and T_all of the sample at hand
+  std::vector<acc_t> teacher_row;   // [K]: (t_v - c) / tau_t, then exp of it minus its max
+  std::vector<acc_t> student_exp;   // [K]: pass 1's exponentials of one row, for 16-bit logits only
+  std::vector<acc_t> tile_max;      // [tiles]: the running max of a student row at each of its tiles
+  Workspace(const Shape& shape, bool needs_student_exp)
+      : targets((shape.teacher_views + 1) * shape.out_dim),
+        teacher_row(shape.out_dim),
+        student_exp(needs_student_exp ? shape.out_dim : 0),
+        tile_max((shape.out_dim + kTile - 1) / kTile) {}
 };
 
-// Per-thread tile buffers: y and exp(y - max) per teacher view; pass 1: z and m - z of the student view at hand;
-// pass 2: the target sums over all teacher views and over all but one.
-template <typename acc_t>
-struct Tiles {
-  std::vector<acc_t> teacher_logits, teacher_exp, student_logits, student_work, all_targets, targets;
-  explicit Tiles(const Shape& shape)
-      : teacher_logits(shape.teacher_views * kTile),
-        teacher_exp(shape.teacher_views * kTile),
-        student_logits(kTile),
-        student_work(kTile),
-        all_targets(kTile),
-        targets(kTile) {}
-};
-
-// Pass 1 over one sample: fills stats and returns the sum of the sample's Vs row losses.
+// Teacher side of sample b: fills workspace.targets (see the file comment).
 template <typename scalar_t, typename acc_t>
 MSD_FAST_SIMD_CLONES
-acc_t sample_loss(const scalar_t* student, const scalar_t* teacher, const acc_t* center, int64_t b, const Shape& shape,
-                  acc_t inv_student_temp, acc_t inv_teacher_temp, SampleStats<acc_t>& stats, Tiles<acc_t>& tiles) {
-  const int64_t K = shape.out_dim, Vt = shape.teacher_views, Vs = shape.student_views;
-  std::vector<acc_t> teacher_sum_before(Vt);
-  for (int64_t k0 = 0; k0 < K; k0 += kTile) {
-    const int64_t n = std::min(kTile, K - k0);
-    for (int64_t v = 0; v < Vt; ++v) {
-      acc_t* y = tiles.teacher_logits.data() + v * kTile;
-      // 1. Teacher view v: y = (t - c) / tau_t for this tile; a larger running max M_v rescales what was summed with
-      //    the old max (S_v and every D[v][u]) by exp(M_old - M_new) before the tile's exp(y - M_v) are added.
-      teacher_tile(teacher + ((v * shape.batch + b) * K + k0), center + k0, inv_teacher_temp, y, n);
-      const acc_t new_max = std::max(stats.teacher_max[v], tile_max(y, n));
-      const acc_t rescale = k0 == 0 ? acc_t(0) : exp_nonpositive(stats.teacher_max[v] - new_max);
-      teacher_sum_before[v] = stats.teacher_sum[v] * rescale;
-      for (int64_t u = 0; u < Vs; ++u) stats.pair_sum[v * Vs + u] *= rescale;
-      stats.teacher_max[v] = new_max;
-      stats.teacher_sum[v] =
-          teacher_sum_before[v] + exp_shifted(y, new_max, tiles.teacher_exp.data() + v * kTile, n);
+void sample_targets(const scalar_t* teacher, const acc_t* center, int64_t b, const Shape& shape,
+                    acc_t inv_teacher_temp, Workspace<acc_t>& workspace) {
+  const int64_t K = shape.out_dim, Vt = shape.teacher_views;
+  acc_t* targets = workspace.targets.data();
+  acc_t* y = workspace.teacher_row.data();
+  std::fill(targets, targets + (Vt + 1) * K, acc_t(0));
+  for (int64_t v = 0; v < Vt; ++v) {
+    const scalar_t* row = teacher + (v * shape.batch + b) * K;
+    // 1. y = (t - c) / tau_t and its max M.
+    acc_t max = kNegInf<acc_t>;
+#pragma omp simd reduction(max : max)
+    for (int64_t k = 0; k < K; ++k) {
+      y[k] = (static_cast<acc_t>(row[k]) - center[k]) * inv_teacher_temp;
+      max = y[k] > max ? y[k] : max;
     }
-    for (int64_t u = 0; u < Vs; ++u) {
-      acc_t* z = tiles.student_logits.data();
-      acc_t* distance = tiles.student_work.data();
-      // 2. Student view u: z = s / tau_s; its running log-sum-exp as for the teacher, and distance = m_u - z >= 0.
-      student_tile(student + ((u * shape.batch + b) * K + k0), inv_student_temp, z, n);
-      const acc_t new_max = std::max(stats.student_max[u], tile_max(z, n));
-      const acc_t shift = k0 == 0 ? acc_t(0) : new_max - stats.student_max[u];
-      acc_t exp_sum = 0;
-#pragma omp simd reduction(+ : exp_sum)
-      for (int64_t k = 0; k < n; ++k) {
-        distance[k] = new_max - z[k];
-        exp_sum += exp_nonpositive(-distance[k]);
-      }
-      stats.student_sum[u] = stats.student_sum[u] * exp_nonpositive(-shift) + exp_sum;
-      stats.student_max[u] = new_max;
-      // 3. D[v][u] += <e_v, m_u - z_u> over the tile; a grown m_u adds (m_new - m_old) to every earlier term, i.e.
-      //    shift * S_v (with S_v as it stood before this tile).
-      for (int64_t v = 0; v < Vt; ++v) {
-        stats.pair_sum[v * Vs + u] +=
-            shift * teacher_sum_before[v] + dot(tiles.teacher_exp.data() + v * kTile, distance, n);
-      }
+    // 2. y <- exp(y - M) and their sum S.
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t k = 0; k < K; ++k) {
+      y[k] = exp_nonpositive(y[k] - max);
+      sum += y[k];
     }
-  }
-  // 4. Row loss of (u, b): sum over v != u of D[v][u] / S_v, plus (number of targets) * log(sum_u).
-  acc_t loss = 0;
-  for (int64_t u = 0; u < Vs; ++u) {
-    acc_t row = static_cast<acc_t>(shape.targets_of(u)) * std::log(stats.student_sum[u]);
-    for (int64_t v = 0; v < Vt; ++v) {
-      if (v != u) row += stats.pair_sum[v * Vs + u] / stats.teacher_sum[v];
-    }
-    loss += row;
-  }
-  return loss;
-}
-
-// Pass 2 over one sample: grad_u = scale * (targets_of(u) * softmax(z_u) - sum_{v != u} q_v).
-template <typename scalar_t, typename acc_t>
-MSD_FAST_SIMD_CLONES
-void sample_gradient(const scalar_t* student, const scalar_t* teacher, const acc_t* center, scalar_t* grad, int64_t b,
-                     const Shape& shape, acc_t inv_student_temp, acc_t inv_teacher_temp, acc_t scale,
-                     const SampleStats<acc_t>& stats, Tiles<acc_t>& tiles) {
-  const int64_t K = shape.out_dim, Vt = shape.teacher_views, Vs = shape.student_views;
-  std::vector<acc_t> teacher_lse(Vt), student_lse(Vs);
-  // 1. Finalise the statistics of pass 1: LSE = max + log(sum), per view.
-  for (int64_t v = 0; v < Vt; ++v) teacher_lse[v] = stats.teacher_max[v] + std::log(stats.teacher_sum[v]);
-  for (int64_t u = 0; u < Vs; ++u) student_lse[u] = stats.student_max[u] + std::log(stats.student_sum[u]);
-  for (int64_t k0 = 0; k0 < K; k0 += kTile) {
-    const int64_t n = std::min(kTile, K - k0);
-    for (int64_t v = 0; v < Vt; ++v) {
-      acc_t* y = tiles.teacher_logits.data() + v * kTile;
-      // 2. q_v = softmax of the teacher view's tile, recomputed (cheaper than storing [Vt, K] per sample).
-      teacher_tile(teacher + ((v * shape.batch + b) * K + k0), center + k0, inv_teacher_temp, y, n);
-      exp_shifted(y, teacher_lse[v], tiles.teacher_exp.data() + v * kTile, n);
-    }
-    // 3. The targets of each student view (below).
-    // Targets: the sum of all teacher views for u >= Vt, all but view u for u < Vt (summed directly, no
-    // cancellation).
-    acc_t* all_views = tiles.all_targets.data();
-    std::fill(all_views, all_views + n, acc_t(0));
-    for (int64_t v = 0; v < Vt; ++v) add_to(tiles.teacher_exp.data() + v * kTile, all_views, n);
-    for (int64_t u = 0; u < Vs; ++u) {
-      const acc_t* target = all_views;
-      if (u < Vt) {
-        acc_t* other_views = tiles.targets.data();
-        std::fill(other_views, other_views + n, acc_t(0));
-        for (int64_t v = 0; v < Vt; ++v) {
-          if (v != u) add_to(tiles.teacher_exp.data() + v * kTile, other_views, n);
-        }
-        target = other_views;
-      }
-      // 4. grad_u = scale * (count * softmax(z_u) - targets), written straight into the gradient.
-      const acc_t count = static_cast<acc_t>(shape.targets_of(u));
-      const acc_t lse = student_lse[u];
-      const scalar_t* in = student + ((u * shape.batch + b) * K + k0);
-      scalar_t* out = grad + ((u * shape.batch + b) * K + k0);
+    // 3. q_v = y / S, added to every target that includes view v: T_u for u != v, and T_all.
+    const acc_t inv_sum = acc_t(1) / sum;
+    for (int64_t r = 0; r <= Vt; ++r) {
+      if (r == v) continue;
+      acc_t* target = targets + r * K;
 #pragma omp simd
-      for (int64_t k = 0; k < n; ++k) {
-        const acc_t z = static_cast<acc_t>(in[k]) * inv_student_temp;
-        out[k] = static_cast<scalar_t>(scale * (count * exp_nonpositive(z - lse) - target[k]));
-      }
+      for (int64_t k = 0; k < K; ++k) target[k] += y[k] * inv_sum;
     }
   }
 }
 
-// A fresh multi-MB gradient costs one page fault per 4 KiB page on its first write, a large share of pass 2 at
-// DINO's shapes; on Linux, ask for transparent huge pages instead (a hint: ignored where THP is off).
+// What pass 1 finds for one student row.
+template <typename acc_t>
+struct RowStats {
+  acc_t loss, lse;  // the row's loss term and LSE(z)
+};
+
+// Pass 1 over student row (u, b) (see the file comment). With kStoreExp (the gradient is wanted), stored_exp receives
+// exp(z - m_tile) and tile_max the running max m_tile of each tile.
+template <bool kStoreExp, typename scalar_t, typename acc_t>
+RowStats<acc_t> row_loss(const scalar_t* student, const acc_t* target, int64_t K, acc_t inv_student_temp,
+                         acc_t count, acc_t* stored_exp, acc_t* tile_max) {
+  acc_t max = kNegInf<acc_t>, sum = 0, distance = 0, target_sum = 0;
+  for (int64_t k0 = 0, tile = 0; k0 < K; k0 += kTile, ++tile) {
+    const int64_t n = std::min(kTile, K - k0);
+    const scalar_t* s = student + k0;
+    const acc_t* t = target + k0;
+    // 1. The tile's max of z = s / tau_s is max(s) / tau_s (dividing by tau_s > 0 keeps the order); a larger running
+    //    max rescales the sum by exp(m_old - m_new) and adds (m_new - m_old) to every earlier term of D.
+    const acc_t new_max = std::max(max, row_max<scalar_t, acc_t>(s, n) * inv_student_temp);
+    if (k0 > 0) {
+      sum *= exp_nonpositive(max - new_max);
+      distance += (new_max - max) * target_sum;
+    }
+    max = new_max;
+    // 2. The tile's exp(z - m), their sum, and D += <T, m - z>, in one vectorised loop.
+    acc_t tile_sum = 0, tile_distance = 0, tile_target_sum = 0;
+#pragma omp simd reduction(+ : tile_sum, tile_distance, tile_target_sum)
+    for (int64_t k = 0; k < n; ++k) {
+      const acc_t gap = max - static_cast<acc_t>(s[k]) * inv_student_temp;
+      const acc_t exp_z = exp_nonpositive(-gap);
+      if constexpr (kStoreExp) stored_exp[k0 + k] = exp_z;
+      tile_sum += exp_z;
+      tile_distance += t[k] * gap;
+      tile_target_sum += t[k];
+    }
+    if constexpr (kStoreExp) tile_max[tile] = max;
+    sum += tile_sum;
+    distance += tile_distance;
+    target_sum += tile_target_sum;
+  }
+  return {count * std::log(sum) + distance, max + std::log(sum)};
+}
+
+// Pass 2 over student row (u, b): grad = scale * (count * exp(z - LSE) - T), from pass 1's exp(z - m_tile).
+template <typename scalar_t, typename acc_t>
+void row_gradient(const acc_t* stored_exp, const acc_t* tile_max, const acc_t* target, int64_t K, acc_t lse,
+                  acc_t count, acc_t scale, scalar_t* grad) {
+  for (int64_t k0 = 0, tile = 0; k0 < K; k0 += kTile, ++tile) {
+    const int64_t n = std::min(kTile, K - k0);
+    const acc_t factor = scale * count * exp_nonpositive(tile_max[tile] - lse);
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      grad[k0 + k] = static_cast<scalar_t>(factor * stored_exp[k0 + k] - scale * target[k0 + k]);
+    }
+  }
+}
+
+// Student row (u, b), whose sample's targets are in workspace.targets: returns its loss term and, if grad is not
+// null, writes its gradient row.
+template <typename scalar_t, typename acc_t>
+MSD_FAST_SIMD_CLONES
+acc_t student_row(const scalar_t* student, scalar_t* grad, int64_t u, int64_t b, const Shape& shape,
+                  acc_t inv_student_temp, acc_t scale, Workspace<acc_t>& workspace) {
+  const int64_t K = shape.out_dim, row = (u * shape.batch + b) * K;
+  const acc_t* target = workspace.targets.data() + shape.target_row(u) * K;
+  const acc_t count = static_cast<acc_t>(shape.targets_of(u));
+  if (grad == nullptr) {
+    return row_loss<false, scalar_t, acc_t>(student + row, target, K, inv_student_temp, count, nullptr, nullptr).loss;
+  }
+  // Pass 1's exponentials go into the gradient row itself when it has the accumulation dtype (pass 2 then reads them
+  // back from L2 and overwrites them), else into a row of that dtype, so that the gradient is rounded once.
+  acc_t* stored_exp;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    stored_exp = grad + row;
+  } else {
+    stored_exp = workspace.student_exp.data();
+  }
+  const RowStats<acc_t> stats =
+      row_loss<true>(student + row, target, K, inv_student_temp, count, stored_exp, workspace.tile_max.data());
+  row_gradient(stored_exp, workspace.tile_max.data(), target, K, stats.lse, count, scale, grad + row);
+  return stats.loss;
+}
+
+// A fresh multi-MB gradient costs one page fault per 4 KiB page on its first write, a large share of its writing
+// at DINO's shapes; on Linux, ask for transparent huge pages instead (a hint: ignored where THP is off).
 void advise_huge_pages(torch::Tensor& tensor) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
@@ -291,25 +268,31 @@ void dino_loss_kernel(const torch::Tensor& student, const torch::Tensor& teacher
   const int64_t pairs = shape.teacher_views * shape.student_views - std::min(shape.teacher_views, shape.student_views);
   const acc_t normaliser = static_cast<acc_t>(pairs * shape.batch);
   const acc_t scale = static_cast<acc_t>(1.0 / (student_temp * static_cast<double>(pairs * shape.batch)));
-  std::vector<acc_t> sample_losses(shape.batch);
+  const bool needs_student_exp = grad_ptr != nullptr && !std::is_same_v<scalar_t, acc_t>;
+  const int64_t rows = shape.batch * shape.student_views;
+  std::vector<acc_t> row_losses(rows);
   // Below this many logits a call is cheaper on one thread than waking the OpenMP team.
   const bool parallel = (shape.student_views + shape.teacher_views) * shape.batch * shape.out_dim >= (1 << 15);
+  // Rows are handed out in chunks of one sample (index b * Vs + u), fewer rows when there are fewer than Vs per
+  // thread; handed out dynamically, so that a thread that loses its core to another process holds up one chunk only.
+  // A thread rebuilds the targets only when its next row is of another sample than its last one.
+  const int64_t chunk = std::clamp<int64_t>(rows / at::get_num_threads(), 1, shape.student_views);
 #pragma omp parallel num_threads(at::get_num_threads()) if (parallel)
   {
-    Tiles<acc_t> tiles(shape);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < shape.batch; ++b) {
-      SampleStats<acc_t> stats(shape);
-      sample_losses[b] = sample_loss(student_ptr, teacher_ptr, center_ptr, b, shape, inv_student_temp,
-                                     inv_teacher_temp, stats, tiles);
-      if (grad_ptr != nullptr) {
-        sample_gradient(student_ptr, teacher_ptr, center_ptr, grad_ptr, b, shape, inv_student_temp, inv_teacher_temp,
-                        scale, stats, tiles);
+    Workspace<acc_t> workspace(shape, needs_student_exp);
+    int64_t targets_of_sample = -1;
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t index = 0; index < rows; ++index) {
+      const int64_t b = index / shape.student_views, u = index % shape.student_views;
+      if (b != targets_of_sample) {
+        sample_targets(teacher_ptr, center_ptr, b, shape, inv_teacher_temp, workspace);
+        targets_of_sample = b;
       }
+      row_losses[index] = student_row(student_ptr, grad_ptr, u, b, shape, inv_student_temp, scale, workspace);
     }
   }
   acc_t total = 0;
-  for (const acc_t value : sample_losses) total += value;
+  for (const acc_t value : row_losses) total += value;
   loss.fill_(total / normaliser);
 }
 
