@@ -223,8 +223,8 @@ def test_dino_loss_module_with_last_layer_inputs_equals_logits(centering):
     torch.testing.assert_close(fused_loss, loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(fused_center, center, rtol=1e-5, atol=1e-6)
     assert len(grads) == len(fused_grads) > 0
-    for got, expected in zip(fused_grads, grads):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    for got, expected in zip(fused_grads, grads):  # in norm: BatchNorm's backward cancels, elements near 0 are noise
+        assert float((got - expected).norm() / expected.norm()) < 1e-5
     with pytest.raises(TypeError, match="both be logits or both LastLayerInput"):
         loss_fn(student_head(student_in), teacher_head(teacher_in, last_layer=False), 0)
 

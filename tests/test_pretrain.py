@@ -214,8 +214,10 @@ def test_two_gloo_processes_match_one_process_with_the_global_batch(shards, tmp_
                 continue
             relative = float((got - value).norm() / value.norm().clamp_min(1e-12))
             assert relative < 1e-3, f"{part}.{name}: relative difference {relative:.2e}"
-    torch.testing.assert_close(distributed["dino_loss"]["center"], single["dino_loss"]["center"], rtol=1e-4,
-                               atol=1e-6)
+    # The center is a running mean of the teacher's logits: it carries the weights' summation noise, so it is
+    # compared like them, in relative norm (elementwise, its entries near 0 are that noise).
+    center, distributed_center = single["dino_loss"]["center"], distributed["dino_loss"]["center"]
+    assert float((distributed_center - center).norm() / center.norm()) < 1e-4
 
 
 def test_token_mode_pretrains_on_permuted_tokens_and_exports(tmp_path):
