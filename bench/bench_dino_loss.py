@@ -4,8 +4,8 @@ it.
 Run ``pytest bench/bench_dino_loss.py --benchmark-only [--benchmark-json out.json]``. Shapes: B = 64 images,
 Vt = 2 teacher views, Vs = 10 student views, K = 65536 and 4096, float32 (and bfloat16 on GPU). Each record's
 ``extra_info`` holds ``peak_extra_bytes``, the peak memory of one step beyond the inputs (CUDA:
-``max_memory_allocated``; CPU: resident set size sampled every millisecond), and ``logits_bytes``, the size of the
-student logits (the gradient itself is that large, so 1.0x is the floor for any loss that returns it).
+``max_memory_allocated``; CPU: the CPU allocator's peak, from the profiler's memory events), and ``logits_bytes``,
+the size of the student logits (the gradient itself is that large, so 1.0x is the floor for any loss that returns it).
 """
 import pytest
 import torch

@@ -18,19 +18,20 @@ own tables compare the providers of one configuration.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
-import threading
+import tempfile
 import time
 from typing import Callable, Optional
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import msd_fast
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 # Compile failures seen in this process, written into the JSON by conftest.py (the report marks them).
 COMPILE_FAILURES: list = []
@@ -97,36 +98,25 @@ def skip_compile_failure(group: str, error: Exception) -> None:
     pytest.skip(f"torch.compile failed: {reason}")
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * PAGE_SIZE
-
-
-class PeakResidentMemory:
-    """Peak resident set size of this process above its level at entry, sampled every millisecond."""
-
-    def __enter__(self):
-        self.baseline = self.peak = _resident_bytes()
-        self._running = True
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while self._running:
-            self.peak = max(self.peak, _resident_bytes())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self._running = False
-        self._thread.join()
-        self.peak = max(self.peak, _resident_bytes())
-        self.extra = self.peak - self.baseline
+def _cpu_allocator_peak(step: Callable[[], object]) -> int:
+    """Peak bytes held by PyTorch's CPU allocator during one call of ``step`` above its level at the start: the
+    profiler's memory events carry the allocator's running total, including what our C++ kernels allocate."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        profiler.export_chrome_trace(path)
+        with open(path) as trace:
+            events = [e["args"] for e in json.load(trace)["traceEvents"] if e.get("name") == "[memory]"]
+    if not events:
+        return 0
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(e["Total Allocated"] for e in events) - start
 
 
 def peak_extra_memory(step: Callable[[], object]) -> int:
-    """Bytes allocated by one call of ``step`` beyond what was allocated before it (CUDA: the caching allocator's
-    peak; CPU: sampled resident set size, so pages freed and re-used within 1 ms may be missed)."""
+    """Bytes allocated by one call of ``step`` beyond what was allocated before it, at the peak (CUDA: the caching
+    allocator's peak; CPU: the CPU allocator's, from the profiler's memory events)."""
     if DEVICE == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -134,9 +124,7 @@ def peak_extra_memory(step: Callable[[], object]) -> int:
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - baseline
-    with PeakResidentMemory() as memory:
-        step()
-    return memory.extra
+    return _cpu_allocator_peak(step)
 
 
 def _cpu_model() -> str:
