@@ -298,7 +298,8 @@ def head_loss_table(run: Run) -> list:
                    "peak beyond the gradients (x float32 logits)"], rows)
 
 
-TRAIN_PROVIDERS = ("reference", "compile", "auto", "auto+compile", "auto+fused-head")  # bench_train_step's, in the table's order
+# bench_train_step's providers, in the table's order
+TRAIN_PROVIDERS = ("reference", "compile", "auto", "auto+compile", "auto+fused-head")
 
 
 def train_step_table(run: Run) -> list:
