@@ -238,3 +238,18 @@ def test_token_mode_pretrains_on_permuted_tokens_and_exports(tmp_path):
     metadata = export_backbone(str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "model.safetensors"))
     model, _ = load_exported(str(tmp_path / "model.safetensors"))
     assert metadata["mode"] == "token" and model.pos_embed is None and model.embed_dim == 24
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(shards, tmp_path):
+    """A checkpoint written before --fused-head and --compile existed ran as their defaults: --resume accepts it,
+    and still refuses a run that turns one of them on."""
+    pretrain(tiny_config(shards, tmp_path, epochs=1))
+    path = str(tmp_path / "checkpoint.pt")
+    state = load_checkpoint(path)
+    for name in ("fused_head", "compile"):
+        del state["config"][name]
+    torch.save(state, path)
+    pretrain(tiny_config(shards, tmp_path, epochs=1, resume=True))  # nothing left to train: restore alone
+    assert load_checkpoint(path)["epoch"] == 1
+    with pytest.raises(ValueError, match="different settings.*fused_head"):
+        pretrain(tiny_config(shards, tmp_path, epochs=1, resume=True, fused_head=True))

@@ -234,7 +234,9 @@ class Pretraining:
 
     def restore(self, state: dict) -> None:
         mine, saved = _comparable(dataclasses.asdict(self.config)), _comparable(state["config"])
-        differing = sorted(k for k in mine if mine[k] != saved.get(k))
+        # A setting added after the checkpoint was written ran as its default then (e.g. fused_head, compile).
+        defaults = {field.name: field.default for field in dataclasses.fields(PretrainConfig)}
+        differing = sorted(k for k in mine if mine[k] != saved.get(k, defaults[k]))
         if differing:
             raise ValueError(f"--resume: {self.checkpoint_path} was written with different settings "
                              f"({', '.join(differing)}); resume with the same settings or use a new --out folder")
