@@ -23,6 +23,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from typing import Callable, Optional
 
 import pytest
@@ -112,6 +113,20 @@ def _cpu_allocator_peak(step: Callable[[], object]) -> int:
         return 0
     start = events[0]["Total Allocated"] - events[0]["Bytes"]
     return max(e["Total Allocated"] for e in events) - start
+
+
+def sync_warnings(step: Callable[[], object]) -> list:
+    """The host-device synchronisations of one call of ``step`` on a GPU, as the warnings that
+    ``torch.cuda.set_sync_debug_mode("warn")`` raises for them (each names the line that synchronised)."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return [warning for warning in caught if "synchroniz" in str(warning.message)]
 
 
 def peak_extra_memory(step: Callable[[], object]) -> int:

@@ -27,13 +27,12 @@ import json
 import statistics
 import sys
 import time
-import warnings
 from typing import Callable, Optional
 
 import torch
 
 from bench import bench_dino_loss, bench_masked_gather, bench_patch_encryption
-from bench.common import DEVICE, dtype_name, kernel_backends, machine_description, synchronize
+from bench.common import DEVICE, dtype_name, kernel_backends, machine_description, sync_warnings, synchronize
 from bench.report import profile_table
 
 TINY = {"encrypt": (1, 1, 16, 16), "masked_gather": (1, 4, 8), "dino_loss": (1, 8)}  # dino_loss: (B, K)
@@ -112,15 +111,7 @@ def device_profile(step: Callable, calls: int) -> dict:
             total = getattr(event, "self_cuda_time_total", 0.0)
         kernels.append([event.key[:90], total / calls, event.count / calls])
     kernels.sort(key=lambda kernel: -kernel[1])
-    previous = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
-    syncs = sum("synchroniz" in str(warning.message) for warning in caught)
+    syncs = len(sync_warnings(step))
     return {"device_us": sum(k[1] for k in kernels), "kernels_per_call": sum(k[2] for k in kernels),
             "top_kernels": [[name, round(us, 2), round(count, 2)] for name, us, count in kernels[:6]],
             "syncs_per_call": float(syncs)}

@@ -17,7 +17,6 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from typing import Optional
 
 import torch
@@ -25,7 +24,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from bench.bench_train_step import PROVIDERS, make_training_step
-from bench.common import DEVICE, machine_description
+from bench.common import DEVICE, machine_description, sync_warnings
 
 
 def count_syncs(step) -> tuple:
@@ -33,14 +32,7 @@ def count_syncs(step) -> tuple:
     if DEVICE != "cuda":
         step()
         return None, None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    syncs = sync_warnings(step)
     return len(syncs), (f"{syncs[0].filename}:{syncs[0].lineno}" if syncs else None)
 
 
