@@ -44,7 +44,7 @@ def test_the_server_averages_student_teacher_and_center_weighted_by_client_size(
             for param in list(student.parameters()) + list(teacher.parameters()):
                 param.fill_(value)
             loss_fn.center.fill_(value)
-        return value
+        return torch.tensor(value)
 
     monkeypatch.setattr(fd, "distillation_step", fake_step)
     monkeypatch.setattr(fd, "collapse_signals", lambda *args: {})

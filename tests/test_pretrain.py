@@ -1,6 +1,7 @@
 """Server pretraining: learning, export into timm (exact folding, exact decryption), exact resume, DDP equivalence,
 and that the server never opens a key file."""
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -259,3 +260,22 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(sha
     assert load_checkpoint(path)["epoch"] == 1
     with pytest.raises(ValueError, match="different settings.*fused_head"):
         pretrain(tiny_config(shards, tmp_path, epochs=1, resume=True, fused_head=True))
+
+
+def test_a_non_finite_loss_stops_the_run_naming_its_step_before_any_checkpoint(shards, tmp_path, monkeypatch):
+    """Losses are read every --log-every steps (no device sync per step); a non-finite one then stops the run with
+    the step it happened at, before the epoch's checkpoint is written."""
+    from msd_fast.server import trainer
+
+    original = trainer.distillation_step
+
+    def diverging(*args, step, **kwargs):
+        loss = original(*args, step=step, **kwargs)
+        return loss * float("nan") if step == 2 else loss
+
+    monkeypatch.setattr(trainer, "distillation_step", diverging)
+    with pytest.raises(FloatingPointError, match="at step 2;"):
+        pretrain(tiny_config(shards, tmp_path, log_every=4))
+    assert not os.path.exists(tmp_path / "checkpoint.pt")
+    steps = [event["step"] for event in map(json.loads, open(tmp_path / "log.jsonl")) if event["event"] == "step"]
+    assert steps == [0]  # step 0 was logged; the read at step 4 found step 2's loss

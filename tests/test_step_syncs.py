@@ -1,14 +1,13 @@
-"""One training step on a GPU waits for the device only where it reads a value: drawing and copying the views,
-the student and teacher forwards (masked_gather's range check skipped, the head's BatchNorm counting rows on the
-device), the loss, backward, clipping, AdamW and the EMA run under ``torch.cuda.set_sync_debug_mode("error")``; the
-loss's ``float`` in ``distillation_step`` is the one sync left (it checks the loss is finite). The compiled step's
-range check is covered on the CPU, in test_compile_pretraining.py."""
+"""One training step on a GPU never waits for the device: drawing and copying the views, the student and teacher
+forwards (masked_gather's range check skipped, the head's BatchNorm counting rows on the device), the loss,
+backward, clipping, AdamW and the EMA run under ``torch.cuda.set_sync_debug_mode("error")``, and the step returns its
+loss unread (the trainer reads the losses every ``log_every`` steps, :func:`read_losses`). The compiled step's range
+check is covered on the CPU, in test_compile_pretraining.py."""
 import pytest
 import torch
 
 from msd_fast.server.model import GlobalBatchNorm1d
-from msd_fast.server.trainer import Pretraining, ema_update, optimize, teacher_targets
-from msd_fast.server.views import draw_views
+from msd_fast.server.trainer import Pretraining
 
 from test_pretrain import structured_images, tiny_config, write_client_shard
 
@@ -22,11 +21,7 @@ def test_a_step_has_no_sync_but_the_loss_value(tmp_path):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        views = draw_views(run.config, run.num_tokens, 1, 0, 16, inputs.device)
-        loss = run.loss(run.student(inputs, views.all), teacher_targets(run.teacher, inputs, views, run.config,
-                                                                         run.num_tokens), 0)
-        optimize(run.student, run.optimizer, loss, run.config, epoch=1)
-        ema_update(run.teacher, run.student, 0.99)
+        loss = run.train_step(inputs, epoch=0, step=1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)

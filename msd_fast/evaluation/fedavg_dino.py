@@ -31,7 +31,7 @@ from ..server.model import MaskedSamplingNet
 from ..server.monitor import collapse_signals
 from ..server.optim import KeyInvariantAdamW
 from ..server.seeds import SEED_DROP_PATH, SEED_VIEWS, derived_seed
-from ..server.trainer import build_loss, build_networks, distillation_step, parameter_groups, schedules
+from ..server.trainer import build_loss, build_networks, distillation_step, parameter_groups, read_losses, schedules
 from ..server.views import sample_view_groups
 from .communication import Communication, tensors_bytes
 from .fedavg import weighted_average
@@ -197,7 +197,8 @@ def fedavg_dino(clients: Sequence[torch.Tensor], config: PretrainConfig, setting
                     client.student, client.teacher, client.loss, client.optimizer, inputs, views, config,
                     num_tokens=num_tokens, epoch=round_index, step=step, lr=float(lr[step]),
                     weight_decay=float(wd[step]), momentum=float(momentum[step])))
-            round_loss += weights[client.index] / sum(weights) * sum(losses) / len(losses)
+            values = read_losses(losses, round_index * local_steps)
+            round_loss += weights[client.index] / sum(weights) * sum(values) / len(values)
             uploads.append(client.payload())
             up += tensors_bytes(_flat(uploads[-1])) / len(locals_)
         global_payload = {part: weighted_average([u[part] for u in uploads], weights) for part in ("student",

@@ -74,7 +74,8 @@ class PretrainConfig:
                                 "stream")
     device: str = flag("auto", "auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
     seed: int = flag(0, "seed of data order, views and initialisation")
-    log_every: int = flag(10, "log every N steps")
+    log_every: int = flag(10, "log every N steps; the steps' losses are read from the device (one sync) and checked "
+                                "to be finite only then")
     resume: bool = flag(False, "continue from OUT/checkpoint.pt (exactly: same result as an uninterrupted run)")
     progress: bool = flag(True, "tqdm progress bar (on terminals, rank 0)")
 

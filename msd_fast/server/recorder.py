@@ -28,7 +28,8 @@ def weight_digest(model: nn.Module) -> int:
 
 
 class StepTimer:
-    """``images_per_s`` of the step between :meth:`start` and :meth:`stop` (``batch_size`` global images)."""
+    """``images_per_s`` of the ``steps`` steps between :meth:`start` and :meth:`stop` (``batch_size`` global images
+    each); :meth:`stop` follows a read of their losses, so the device has finished them."""
 
     def __init__(self, batch_size: int):
         self.batch_size, self._tick = batch_size, 0.0
@@ -36,8 +37,8 @@ class StepTimer:
     def start(self) -> None:
         self._tick = time.perf_counter()
 
-    def stop(self) -> float:
-        return self.batch_size / (time.perf_counter() - self._tick)
+    def stop(self, steps: int = 1) -> float:
+        return steps * self.batch_size / (time.perf_counter() - self._tick)
 
 
 class RunRecorder:
@@ -69,13 +70,23 @@ class RunRecorder:
     def start_epoch(self) -> None:
         self._epoch_started = time.perf_counter()
 
+    def logs(self, step: int) -> bool:
+        """Whether ``step`` is logged (every ``log_every`` steps; the last step of an epoch is too)."""
+        return step % self.config.log_every == 0
+
+    def tick(self) -> None:
+        """One finished step whose loss is not read yet: the bar moves on."""
+        if self.bar is not None:
+            self.bar.update(1)
+
     def step(self, *, epoch: int, step: int, last_of_epoch: bool, loss: float, lr: float, weight_decay: float,
              momentum: float, images_per_s: float) -> None:
-        """One finished step: the bar, and a ``step`` event every ``log_every`` steps and at the end of an epoch."""
+        """A logged step (see :meth:`logs`), whose loss has been read: the bar and a ``step`` event;
+        ``images_per_s`` is over the steps since the last logged one."""
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
-        if self.log is not None and (step % self.config.log_every == 0 or last_of_epoch):
+        if self.log is not None:
             self.log.write(event="step", epoch=epoch, step=step, loss=loss, lr=lr, weight_decay=weight_decay,
                            momentum=momentum, images_per_s=images_per_s)
 

@@ -127,12 +127,13 @@ def _comparable(config: dict) -> dict:
 def distillation_step(student: nn.Module, teacher: MaskedSamplingNet, loss_fn: DINOLoss,
                       optimizer: torch.optim.Optimizer, inputs: torch.Tensor, views: Views, config: PretrainConfig, *,
                       num_tokens: int, epoch: int, step: int, lr: float, weight_decay: float, momentum: float,
-                      student_inputs: Optional[torch.Tensor] = None, bf16: bool = False) -> float:
-    """One MS-DINO update; returns the loss: the scheduled ``lr``/``weight_decay`` -> student (a
-    :class:`MaskedSamplingNet` or its DDP wrapper) on ``student_inputs`` (default ``inputs``, ``[B, ...]``) and every
-    view -> teacher targets -> :class:`~msd_fast.DINOLoss` at ``epoch`` -> :func:`optimize` -> :func:`ema_update` with
-    ``momentum``. ``views`` are on the inputs' device, over ``num_tokens`` patch tokens; ``step`` only names the step
-    in the error raised for a non-finite loss."""
+                      student_inputs: Optional[torch.Tensor] = None, bf16: bool = False) -> torch.Tensor:
+    """One MS-DINO update; returns the loss as a 0-d tensor on the device, unread (reading it would make the host
+    wait for the step: :func:`read_losses` reads and checks many at once): the scheduled ``lr``/``weight_decay`` ->
+    student (a :class:`MaskedSamplingNet` or its DDP wrapper) on ``student_inputs`` (default ``inputs``, ``[B, ...]``)
+    and every view -> teacher targets -> :class:`~msd_fast.DINOLoss` at ``epoch`` -> :func:`optimize` ->
+    :func:`ema_update` with ``momentum``. ``views`` are on the inputs' device, over ``num_tokens`` patch tokens;
+    ``step`` is kept for callers' messages."""
     network = getattr(student, "module", student)  # the network under a DDP wrapper
     set_schedules(optimizer, lr, weight_decay)
     logits = not config.fused_head  # fused: the heads' last layers run inside the loss
@@ -140,12 +141,20 @@ def distillation_step(student: nn.Module, teacher: MaskedSamplingNet, loss_fn: D
         student_out = student(inputs if student_inputs is None else student_inputs, views.all, last_layer=logits)
         teacher_out = teacher_targets(teacher, inputs, views, config, num_tokens)
     loss = loss_fn(student_out, teacher_out, epoch)
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise FloatingPointError(f"the loss is {value} at step {step}; lower --lr or raise --clip-grad")
     optimize(network, optimizer, loss, config, epoch)
     ema_update(teacher, network, momentum)
-    return value
+    return loss.detach()
+
+
+def read_losses(losses: list, first_step: int) -> list:
+    """The values of ``losses`` (0-d tensors of consecutive steps from ``first_step``) with one device sync; raise
+    ``FloatingPointError`` naming the first step whose loss is not finite."""
+    values = torch.stack(losses).tolist() if losses else []
+    for offset, value in enumerate(values):
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the loss is {value} at step {first_step + offset}; lower --lr or raise "
+                                     f"--clip-grad")
+    return values
 
 
 def set_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
@@ -249,8 +258,9 @@ class Pretraining:
         self.start_epoch, self.history = state["epoch"], list(state["history"])
 
     # ---- one step: views -> student and teacher forward -> loss -> backward -> optimizer -> EMA ----------------
-    def train_step(self, inputs: torch.Tensor, epoch: int, step: int) -> float:
-        """One optimisation step on this process's ``inputs`` (its slice of the global batch); returns the loss."""
+    def train_step(self, inputs: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        """One optimisation step on this process's ``inputs`` (its slice of the global batch); returns the loss, a 0-d
+        tensor not yet read (see :func:`read_losses`)."""
         torch.manual_seed(derived_seed(self.config.seed, SEED_DROP_PATH, step, self.info.rank))
         return distillation_step(self.student_ddp, self.teacher, self.loss, self.optimizer, inputs, self.views(step),
                                  self.config, num_tokens=self.num_tokens, epoch=epoch, step=step,
@@ -280,16 +290,23 @@ class Pretraining:
         """Every step of ``epoch``; returns the epoch's record (mean loss, timing; on the main process also the
         collapse signals and the monitor's values)."""
         config, info = self.config, self.info
-        timer, losses = StepTimer(config.batch_size), []
+        timer, losses, unread = StepTimer(config.batch_size), [], []
         recorder.start_epoch()
+        timer.start()
         for i, batch in enumerate(epoch_batches(len(self.data), config.batch_size, epoch, config.seed)):
             step = epoch * self.steps_per_epoch + i
             mine = batch[info.rank * self.local_batch:(info.rank + 1) * self.local_batch]
-            timer.start()
-            losses.append(self.train_step(self.data.take(mine).to(info.device, non_blocking=True), epoch, step))
-            recorder.step(epoch=epoch, step=step, last_of_epoch=i == self.steps_per_epoch - 1, loss=losses[-1],
+            unread.append(self.train_step(self.data.take(mine).to(info.device, non_blocking=True), epoch, step))
+            last_of_epoch = i == self.steps_per_epoch - 1
+            if not (recorder.logs(step) or last_of_epoch):  # the host runs ahead of the device until a log step
+                recorder.tick()
+                continue
+            losses += read_losses(unread, step - len(unread) + 1)
+            recorder.step(epoch=epoch, step=step, last_of_epoch=last_of_epoch, loss=losses[-1],
                           lr=float(self.lr[step]), weight_decay=float(self.wd[step]),
-                          momentum=float(self.momentum[step]), images_per_s=timer.stop())
+                          momentum=float(self.momentum[step]), images_per_s=timer.stop(len(unread)))
+            unread = []
+            timer.start()
         record = {"epoch": epoch, "loss": float(np.mean(losses)), **recorder.epoch_timing()}
         if info.is_main:
             record.update(self.epoch_signals(epoch))
