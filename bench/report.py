@@ -430,7 +430,8 @@ def plot(run: Run, path: str) -> None:
     axes[1].xaxis.set_major_formatter(ticker.PercentFormatter(1.0))
     axes[0].axvline(1.0, color="black", linewidth=0.8)
     axes[1].axvline(1.0, color="black", linewidth=0.8)
-    axes[0].legend(fontsize=7, loc="lower right")
+    if providers:  # a run of, e.g., only the fused head + loss has none of these bars
+        axes[0].legend(fontsize=7, loc="lower right")
     figure.suptitle(machine_line(run).replace("**", ""), fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
