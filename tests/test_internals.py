@@ -138,7 +138,7 @@ def test_the_run_recorder_writes_only_on_the_main_process(tmp_path):
         recorder.start(items=24)
         recorder.start_epoch()
         for step in range(3):  # as the trainer calls it: step() where a step is logged, tick() elsewhere
-            if not (recorder.logs(step) or step == 2):
+            if not recorder.logs(step, last_of_epoch=step == 2):
                 recorder.tick()
                 continue
             recorder.step(epoch=0, step=step, last_of_epoch=step == 2, loss=1.0 / (step + 1), lr=1e-3,

@@ -26,7 +26,7 @@ import torch
 
 from ..checks import check_dim, check_dtype, check_positive_int, check_same_device, check_tensor
 from .dino_loss import (LOGIT_DTYPES, _dino_loss, _resolved_backend, accumulate_dtype, check_temperatures,
-                        check_view_rows, dino_loss_reference)
+                        check_view_rows, dino_loss_reference, is_unit_cpu_gradient)
 
 # By default a chunk's student and teacher logits and student logit gradient take at most this fraction of the
 # bytes of the whole float32 logits that the unfused path holds (the target: a peak of at most 0.25x those).
@@ -128,8 +128,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             raise RuntimeError("dino_head_loss: backward ran twice through one graph; its gradients are handed over "
                                "and scaled in place, so call the loss again instead of using retain_graph=True")
         grads, ctx.gradients = ctx.gradients, None
-        unit = not torch.compiler.is_compiling() and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0
-        if not unit:
+        if not is_unit_cpu_gradient(grad_loss):
             grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
         return grads[0], None, grads[1], None, None, None, None, None, None, None, None
 

@@ -80,6 +80,12 @@ def _(student, teacher, center, n_student_views, n_teacher_views, student_temp, 
     return loss, student.new_empty(student.shape if compute_grad else (0,))
 
 
+def is_unit_cpu_gradient(grad_loss: torch.Tensor) -> bool:
+    """Whether ``grad_loss`` is known to be 1 without a device sync: a CPU tensor in eager code (so a backward that
+    saved its gradient for ``grad_output = 1`` may skip scaling it); False on GPUs and under ``torch.compile``."""
+    return not torch.compiler.is_compiling() and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0
+
+
 def _setup_context(ctx, inputs, output):
     ctx.compute_grad = inputs[7]
     ctx.mark_non_differentiable(output[1])
@@ -98,9 +104,7 @@ def _backward(ctx, grad_loss, _grad_of_gradient):
                            "so call the loss again instead of using retain_graph=True")
     ctx.gradient_consumed = True
     (grad_student,) = ctx.saved_tensors
-    unit_grad_loss = (not torch.compiler.is_compiling() and grad_loss.device.type == "cpu"
-                      and grad_loss.item() == 1.0)
-    return (grad_student if unit_grad_loss else grad_student.mul_(grad_loss),) + (None,) * 8
+    return (grad_student if is_unit_cpu_gradient(grad_loss) else grad_student.mul_(grad_loss),) + (None,) * 8
 
 
 _dino_loss.register_autograd(_backward, setup_context=_setup_context)

@@ -70,9 +70,9 @@ class RunRecorder:
     def start_epoch(self) -> None:
         self._epoch_started = time.perf_counter()
 
-    def logs(self, step: int) -> bool:
-        """Whether ``step`` is logged (every ``log_every`` steps; the last step of an epoch is too)."""
-        return step % self.config.log_every == 0
+    def logs(self, step: int, last_of_epoch: bool) -> bool:
+        """Whether ``step`` is logged: every ``log_every`` steps and the last step of each epoch."""
+        return last_of_epoch or step % self.config.log_every == 0
 
     def tick(self) -> None:
         """One finished step whose loss is not read yet: the bar moves on."""

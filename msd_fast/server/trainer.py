@@ -298,7 +298,7 @@ class Pretraining:
             mine = batch[info.rank * self.local_batch:(info.rank + 1) * self.local_batch]
             unread.append(self.train_step(self.data.take(mine).to(info.device, non_blocking=True), epoch, step))
             last_of_epoch = i == self.steps_per_epoch - 1
-            if not (recorder.logs(step) or last_of_epoch):  # the host runs ahead of the device until a log step
+            if not recorder.logs(step, last_of_epoch):  # the host runs ahead of the device until a logged step
                 recorder.tick()
                 continue
             losses += read_losses(unread, step - len(unread) + 1)
